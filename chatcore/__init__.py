@@ -1,0 +1,34 @@
+"""chatcore: race-free chat and real-time WebSocket servers on Trio.
+
+Each connection is an actor: one Trio nursery owns its reader, writer and
+heartbeat tasks, one owner decides its close, and every queue is bounded.
+See ``docs/lifecycle.md``.
+"""
+
+from ._config import Config as Config
+from ._connection import Connection as Connection
+from ._connection import ConnectionHandler as ConnectionHandler
+from ._connection import ConnectionStatistics as ConnectionStatistics
+from ._connection import serve_connection as serve_connection
+from ._exceptions import ChatcoreError as ChatcoreError
+from ._exceptions import ConnectionClosed as ConnectionClosed
+from ._exceptions import HandshakeRejected as HandshakeRejected
+from ._exceptions import LocalProtocolError as LocalProtocolError
+from ._exceptions import OutboxFull as OutboxFull
+from ._exceptions import PeerGone as PeerGone
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import RemoteProtocolError as RemoteProtocolError
+from ._transport import MessageStream as MessageStream
+from .sansio import Accept as Accept
+from .sansio import CloseCause as CloseCause
+from .sansio import CloseOutcome as CloseOutcome
+from .sansio import CloseRecord as CloseRecord
+from .sansio import ConnectionState as ConnectionState
+from .sansio import Delivery as Delivery
+from .sansio import HandshakeRequest as HandshakeRequest
+from .sansio import OutboundMessage as OutboundMessage
+from .sansio import PushResult as PushResult
+from .sansio import Reject as Reject
+from .sansio import encode as encode
+
+__version__ = "0.1.0.dev0"

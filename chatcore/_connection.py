@@ -1,0 +1,638 @@
+"""The connection actor: one nursery owns everything a connection does.
+
+Theory of operation
+-------------------
+
+A :class:`Connection` is driven by one task, :func:`serve_connection`. After
+the handshake it opens a nursery with
+
+* a **reader** that always receives (so close frames and pings keep flowing)
+  and puts messages into a bounded inbox;
+* a **writer**, the only code that sends on the transport while the
+  connection is open; it drains *everything* queued in the outbox into one
+  frame per wake-up;
+* a **heartbeat** that pings and closes with 4000 when the client is silent;
+* the application's ``handle`` task and any task started with
+  :meth:`Connection.start_soon`.
+
+Nobody else holds the transport. Everyone else *asks*: :meth:`Connection.offer`
+and :meth:`Connection.send_nowait` queue a message, :meth:`Connection.close_nowait`
+records a close in the sans-I/O :class:`~chatcore.sansio.CloseArbiter` (the first
+cause wins) and wakes the writer, which returns and so cancels the nursery: no
+child can send after a close because no path to the transport is left. The
+actor then, alone and shielded under the close deadline, flushes what was
+queued before the close, sends the close frame, waits for the peer's, and
+aborts the transport if the deadline passes. Registry cleanup runs after that,
+in ``finally``, so a connection cannot leak however it ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import attrs
+import trio
+
+from ._config import Config
+from ._exceptions import ConnectionClosed, OutboxFull, PeerGone, RemoteProtocolError
+from ._transport import MessageStream
+from .sansio import (
+    Accept,
+    CloseArbiter,
+    CloseCause,
+    CloseOutcome,
+    CloseRecord,
+    ConnectionState,
+    Delivery,
+    HandshakeRequest,
+    OutboundMessage,
+    Outbox,
+    PushResult,
+    Reject,
+    encode,
+)
+
+__all__ = [
+    "Connection",
+    "ConnectionHandler",
+    "ConnectionStatistics",
+    "serve_connection",
+]
+
+logger = logging.getLogger("chatcore.connection")
+
+_PING = encode({"type": "ping"}, delivery=Delivery.EPHEMERAL, key="\0ping")
+
+# What escapes a task without being a crash: cancellation and interpreter exits.
+_PASS_THROUGH = (trio.Cancelled, KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+class ConnectionHandler:
+    """What an application plugs into a connection. Subclass and override.
+
+    The hub implements this; a bare application may too (see ``examples/echo.py``).
+    """
+
+    async def authenticate(self, request: HandshakeRequest) -> Accept | Reject:
+        """Decide on a handshake before anything is accepted.
+
+        Runs under :attr:`Config.handshake_timeout`; if it is exceeded or this
+        raises, the client gets 503 or 500 and the error is logged.
+        The default accepts everyone anonymously.
+        """
+        await trio.lowlevel.checkpoint()
+        return Accept()
+
+    async def handle(self, connection: Connection) -> None:
+        """Serve an open connection; runs as a task of the connection's nursery.
+
+        Typically ``async for text in connection: ...``. Returning closes the
+        connection with 1000; raising closes it with 1011 (logged once). The
+        task is cancelled when the connection closes for any other reason.
+        """
+        async for _ in connection:
+            pass
+
+    def connection_closed(self, connection: Connection) -> None:
+        """Called once after the connection is fully closed (or refused).
+
+        Synchronous, so it cannot be interrupted: remove registry entries here.
+        :attr:`Connection.close_record` says how it ended. Exceptions are
+        logged and swallowed.
+        """
+
+
+@attrs.frozen
+class ConnectionStatistics:
+    """A snapshot of one connection (cheap; take as often as you like).
+
+    Attributes:
+        state: The connection's state.
+        outbox_messages: Messages queued now.
+        outbox_bytes: Bytes queued now.
+        messages_received: Text messages received from the client.
+        messages_queued: Messages accepted into the outbox (coalesced ones included).
+        frames_sent: Frames written to the transport.
+        bytes_sent: Message bytes written (separators excluded).
+        dropped: Ephemeral messages dropped because the outbox was full.
+        coalesced: Ephemeral messages that replaced a queued one with the same key.
+    """
+
+    state: ConnectionState
+    outbox_messages: int
+    outbox_bytes: int
+    messages_received: int
+    messages_queued: int
+    frames_sent: int
+    bytes_sent: int
+    dropped: int
+    coalesced: int
+
+
+class Connection:
+    """One WebSocket connection, owned by its actor task (see module docs).
+
+    Not created by users: transports' servers create connections and run them
+    with :func:`serve_connection`. Everything here is safe to call from any
+    task at any time: sending after close raises :class:`ConnectionClosed`,
+    closing twice returns the first close.
+    """
+
+    def __init__(self, transport: MessageStream, config: Config, connection_id: str) -> None:
+        #: Unique id of this connection (in every log line about it).
+        self.id = connection_id
+        #: The client's handshake.
+        self.request: HandshakeRequest = transport.request
+        #: What the authenticate hook returned as ``Accept.identity``.
+        self.identity: object = None
+        #: The bounds in force.
+        self.config = config
+        #: Free for the application (per-connection state).
+        self.scope: dict[str, Any] = {}
+        # The one path to the socket; used by the writer and, after the
+        # nursery ends, by the actor's close sequence. Nobody else.
+        self._transport = transport
+        # First-cause-wins state machine (sans-I/O).
+        self._arbiter = CloseArbiter()
+        # Bounded queue of encoded messages waiting for the writer.
+        self._outbox = Outbox(config.outbox_max_bytes, config.outbox_max_messages)
+        # The writer parks here when the outbox is empty; pushes unpark it.
+        self._writer_lot = trio.lowlevel.ParkingLot()
+        # Tasks in ``send()`` park here until the outbox has room.
+        self._room_lot = trio.lowlevel.ParkingLot()
+        # Reader -> application; bounded so a slow handler back-pressures TCP.
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[str](config.inbox_size)
+        # The nursery holding reader/writer/heartbeat/app tasks (while OPEN).
+        self._nursery: trio.Nursery | None = None
+        # Cancelled by a close request during the handshake.
+        self._handshake_scope = trio.CancelScope()
+        # Set once the close is complete and the transport released.
+        self._closed = trio.Event()
+        # Set by the reader on any client message; the heartbeat waits on it.
+        self._seen = trio.Event()
+        # Absolute time by which the close must be finished (set at close request).
+        self._close_deadline: float | None = None
+        # The transport can no longer carry a close frame (stalled/cancelled send).
+        self._transport_broken = False
+        # The refusal to send, when the authenticate hook returned one.
+        self._rejection: Reject | None = None
+        self._messages_received = 0
+        self._messages_queued = 0
+        self._frames_sent = 0
+        self._bytes_sent = 0
+        self._coalesced = 0
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        """The connection's current state."""
+        return self._arbiter.state
+
+    @property
+    def close_record(self) -> CloseRecord | None:
+        """The recorded close (code, reason, cause), or ``None`` while not closing."""
+        return self._arbiter.record
+
+    def __repr__(self) -> str:
+        return (
+            f"<Connection {self.id} {self.state.name} "
+            f"outbox={len(self._outbox)}/{self._outbox.max_messages} "
+            f"{self._outbox.nbytes}B>"
+        )
+
+    def statistics(self) -> ConnectionStatistics:
+        """A frozen snapshot of this connection's counters."""
+        return ConnectionStatistics(
+            state=self.state,
+            outbox_messages=len(self._outbox),
+            outbox_bytes=self._outbox.nbytes,
+            messages_received=self._messages_received,
+            messages_queued=self._messages_queued,
+            frames_sent=self._frames_sent,
+            bytes_sent=self._bytes_sent,
+            dropped=self._outbox.dropped,
+            coalesced=self._coalesced,
+        )
+
+    # -- sending -------------------------------------------------------------
+
+    def offer(self, message: OutboundMessage) -> PushResult:
+        """Queue an encoded message without ever blocking or raising (for fan-out).
+
+        When the outbox is full the message's delivery class decides: an
+        ephemeral message is dropped (or coalesced by key); a durable one
+        closes this connection as a slow consumer (4001), queued behind what
+        was already accepted.
+
+        Returns:
+            What happened; :attr:`PushResult.CLOSED` if the connection is not open.
+        """
+        if self._arbiter.state is not ConnectionState.OPEN:
+            return PushResult.CLOSED
+        result = self._outbox.push(message)
+        if result is PushResult.QUEUED:
+            self._messages_queued += 1
+            if self._writer_lot:
+                self._writer_lot.unpark()
+        elif result is PushResult.COALESCED:
+            self._coalesced += 1
+            self._messages_queued += 1
+        elif result is PushResult.OVERFLOW:
+            self._request_close(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
+        return result
+
+    def send_nowait(self, message: Mapping[str, Any] | OutboundMessage) -> None:
+        """Queue one message (a JSON object, or an already-encoded message).
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed.
+            OutboxFull: no room now (the connection stays open; the caller decides).
+            TypeError, ValueError: ``message`` is not JSON-serialisable.
+        """
+        if not isinstance(message, OutboundMessage):
+            message = encode(message)
+        self._raise_unless_open()
+        if message.key is None and not self._outbox.has_room_for(message.nbytes):
+            raise OutboxFull(f"outbox full ({self._outbox.nbytes} bytes queued)")
+        if self.offer(message) is PushResult.DROPPED:
+            raise OutboxFull(f"outbox full ({self._outbox.nbytes} bytes queued)")
+
+    async def send(self, message: Mapping[str, Any] | OutboundMessage) -> None:
+        """Queue one message, waiting while the outbox is full.
+
+        Use it from per-connection tasks that produce a stream (it paces them to
+        the client). Cancellation: nothing is queued if cancelled while waiting.
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed (also if it
+                closes while waiting).
+        """
+        if not isinstance(message, OutboundMessage):
+            message = encode(message)
+        while True:
+            self._raise_unless_open()
+            if self._outbox.has_room_for(message.nbytes) or len(self._outbox) == 0:
+                break
+            await self._room_lot.park()
+        await trio.lowlevel.checkpoint()
+        self._raise_unless_open()
+        if self._outbox.has_room_for(message.nbytes) or len(self._outbox) == 0:
+            self.offer(message)
+        else:  # filled up during the checkpoint: wait again
+            await self.send(message)
+
+    def _raise_unless_open(self) -> None:
+        if self._arbiter.state is not ConnectionState.OPEN:
+            record = self._arbiter.record
+            if record is None:
+                raise ConnectionClosed(
+                    CloseRecord(1006, "connection not open yet", CloseCause.TRANSPORT)
+                )
+            raise ConnectionClosed(record)
+
+    # -- receiving -----------------------------------------------------------
+
+    async def receive(self) -> str:
+        """The next text message from the client.
+
+        Raises:
+            ConnectionClosed: the connection is closing or closed.
+        """
+        self._raise_unless_open()
+        try:
+            return await self._inbox_receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            self._raise_unless_open()
+            raise  # pragma: no cover  (the inbox only ends after a close)
+
+    def __aiter__(self) -> Connection:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self.receive()
+        except ConnectionClosed:
+            raise StopAsyncIteration from None
+
+    # -- tasks -----------------------------------------------------------------
+
+    def start_soon(
+        self, fn: Callable[..., Awaitable[object]], *args: object, name: str | None = None
+    ) -> None:
+        """Start a task owned by this connection (e.g. streaming a long reply).
+
+        The task is cancelled when the connection closes, so it can never send
+        after the close. If it raises, the connection closes with 1011 and the
+        error is logged once; the server and other connections are unaffected.
+
+        Raises:
+            ConnectionClosed: the connection is not open.
+        """
+        self._raise_unless_open()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._guarded, fn, args, False, name=name or fn)
+
+    async def _guarded(
+        self, fn: Callable[..., Awaitable[object]], args: tuple[object, ...], closes: bool
+    ) -> None:
+        try:
+            await fn(*args)
+        except BaseException as exc:
+            self._firewall(exc, getattr(fn, "__qualname__", repr(fn)))
+        else:
+            if closes:
+                self._request_close(1000, "", CloseCause.APP)
+
+    def _firewall(self, exc: BaseException, where: str) -> None:
+        """Turn an application exception into a 1011 close; let cancellation through."""
+        if isinstance(exc, BaseExceptionGroup):
+            passing, crashing = exc.split(_PASS_THROUGH)
+            if crashing is not None:
+                self._crash(crashing, where)
+            if passing is not None:
+                raise passing
+            return
+        if isinstance(exc, _PASS_THROUGH):
+            raise exc
+        self._crash(exc, where)
+
+    def _crash(self, exc: BaseException, where: str) -> None:
+        logger.error("connection %s: %s raised; closing with 1011", self.id, where, exc_info=exc)
+        self._request_close(1011, "internal error", CloseCause.INTERNAL)
+
+    # -- closing ---------------------------------------------------------------
+
+    def close_nowait(
+        self, code: int = 1000, reason: str = "", *, cause: CloseCause = CloseCause.APP
+    ) -> CloseOutcome:
+        """Ask the connection to close; returns at once. Idempotent; never raises.
+
+        The first request fixes code, reason and cause; later requests change
+        nothing and return the recorded close. During the handshake the client
+        gets an HTTP refusal instead (503 for 1012/1013, 500 for 1011, else 403).
+        """
+        return self._request_close(code, reason, cause)
+
+    async def close(self, code: int = 1000, reason: str = "") -> CloseOutcome:
+        """Close the connection and wait until it is closed.
+
+        Idempotent and never raises because of the connection's state: in
+        CONNECTING it refuses the handshake, in OPEN it flushes what was queued
+        and sends the close frame, in CLOSING it waits for that to finish, in
+        CLOSED it returns at once. Bounded by :attr:`Config.close_timeout`
+        (then the transport is aborted).
+
+        Called from one of the connection's own tasks it returns without
+        waiting: the calling task is cancelled as part of the close.
+
+        Returns:
+            Whether this call decided the close, and the recorded close.
+        """
+        outcome = self._request_close(code, reason, CloseCause.APP)
+        if self._inside():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._closed.wait()
+        return outcome
+
+    async def wait_closed(self) -> CloseRecord:
+        """Wait until the connection is fully closed; returns the recorded close."""
+        await self._closed.wait()
+        assert self._arbiter.record is not None
+        return self._arbiter.record
+
+    def _inside(self) -> bool:
+        """True if the current task belongs to this connection's nursery."""
+        nursery = self._nursery
+        if nursery is None:
+            return False
+        task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        while task is not None:
+            parent = task.parent_nursery
+            if parent is None:
+                return False
+            if parent is nursery:
+                return True
+            task = parent.parent_task
+        return False  # pragma: no cover  (the root task has no parent nursery)
+
+    def _request_close(self, code: int, reason: str, cause: CloseCause) -> CloseOutcome:
+        was = self._arbiter.state
+        outcome = self._arbiter.close(code, reason, cause)
+        if outcome.initiated:
+            self._close_deadline = trio.current_time() + self.config.close_timeout
+            if was is ConnectionState.CONNECTING:
+                self._handshake_scope.cancel()
+            logger.debug("connection %s: close %d (%s) %r", self.id, code, cause.value, reason)
+            # Wake the writer so it returns and cancels the nursery; wake
+            # senders so they raise ConnectionClosed.
+            self._writer_lot.unpark_all()
+            self._room_lot.unpark_all()
+        return outcome
+
+    # -- the tasks of an open connection -------------------------------------
+
+    async def _reader(self) -> None:
+        limit = self.config.max_message_bytes
+        send = self._inbox_send.send
+        while True:
+            try:
+                message = await self._transport.receive()
+            except PeerGone as exc:
+                if exc.code is None:
+                    self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
+                else:
+                    self._request_close(exc.code, exc.reason, CloseCause.PEER)
+                return
+            except RemoteProtocolError as exc:
+                self._request_close(exc.code, str(exc), CloseCause.PROTOCOL)
+                return
+            self._seen.set()
+            if isinstance(message, bytes):
+                self._request_close(1003, "binary frames are not supported", CloseCause.PROTOCOL)
+                return
+            # len() counts code points <= UTF-8 bytes <= 4 * code points, so
+            # encoding is only needed in the ambiguous band.
+            if len(message) > limit or (len(message) * 4 > limit and len(message.encode()) > limit):
+                self._request_close(1009, "message too big", CloseCause.PROTOCOL)
+                return
+            self._messages_received += 1
+            await send(message)
+
+    async def _writer(self) -> None:
+        outbox = self._outbox
+        transport = self._transport
+        cfg = self.config
+        try:
+            while self._arbiter.state is ConnectionState.OPEN:
+                frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
+                if frame is None:
+                    await self._writer_lot.park()
+                    continue
+                if self._room_lot:
+                    self._room_lot.unpark_all()
+                with trio.move_on_after(cfg.send_timeout) as stalled:
+                    try:
+                        await transport.send(frame)
+                    except PeerGone:
+                        self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
+                        return
+                if stalled.cancelled_caught:
+                    self._transport_broken = True
+                    self._request_close(4001, "send stalled", CloseCause.SLOW_CONSUMER)
+                    return
+                self._frames_sent += 1
+                self._bytes_sent += len(frame)
+        finally:
+            # Whatever ended the writer ends the connection's tasks.
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        cfg = self.config
+        while True:
+            await trio.sleep(cfg.heartbeat_interval)
+            self._seen = trio.Event()
+            self.offer(_PING)
+            with trio.move_on_after(cfg.heartbeat_timeout):
+                await self._seen.wait()
+            if not self._seen.is_set():
+                self._request_close(4000, "heartbeat timeout", CloseCause.HEARTBEAT)
+                return
+
+    # -- the actor -------------------------------------------------------------
+
+    async def _run(self, handler: ConnectionHandler) -> None:
+        try:
+            if await self._handshake(handler):
+                try:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        nursery.start_soon(self._reader)
+                        nursery.start_soon(self._writer)
+                        nursery.start_soon(self._heartbeat)
+                        nursery.start_soon(
+                            self._guarded, handler.handle, (self,), True, name=handler.handle
+                        )
+                finally:
+                    self._inbox_send.close()
+                    with trio.CancelScope(shield=True):
+                        await self._finish_close()
+        finally:
+            self._closed.set()
+            try:
+                handler.connection_closed(self)
+            except Exception:
+                logger.exception("connection %s: connection_closed hook raised", self.id)
+
+    async def _handshake(self, handler: ConnectionHandler) -> bool:
+        """Authenticate and answer the handshake. True if the connection opened."""
+        decision: Accept | Reject | None = None
+        try:
+            with self._handshake_scope:
+                self._handshake_scope.deadline = trio.current_time() + self.config.handshake_timeout
+                decision = await handler.authenticate(self.request)
+                if isinstance(decision, Accept):
+                    self.identity = decision.identity
+                    self._arbiter.accept()
+                    await self._transport.accept(
+                        subprotocol=decision.subprotocol, headers=decision.headers
+                    )
+                    return True
+                if not isinstance(decision, Reject):
+                    raise TypeError(f"authenticate returned {decision!r}, not Accept/Reject")
+        except PeerGone:
+            self._request_close(1006, "client left during handshake", CloseCause.TRANSPORT)
+        except BaseException as exc:
+            try:
+                self._firewall(exc, "authenticate")  # a crash: refused with 500
+            except BaseException:
+                # Cancelled from outside (server shutdown): refuse with 503.
+                self._request_close(1012, "server shutting down", CloseCause.SHUTDOWN)
+                with trio.CancelScope(shield=True):
+                    await self._finish_close()
+                raise
+        state = self._arbiter.state
+        if state is ConnectionState.CONNECTING:
+            # The hook refused, or ran out of time (then it is our fault: 503).
+            if not isinstance(decision, Reject):
+                logger.warning("connection %s: handshake timed out", self.id)
+                decision = Reject(503, b"handshake timed out")
+            self._rejection = decision
+            self._arbiter.reject(decision.status, decision.body.decode("utf-8", "replace"))
+            self._close_deadline = trio.current_time() + self.config.close_timeout
+        elif state is ConnectionState.OPEN:
+            # We accepted but the transport's accept did not complete in time.
+            self._request_close(1006, "handshake did not complete", CloseCause.TRANSPORT)
+        with trio.CancelScope(shield=True):
+            await self._finish_close()
+        return False
+
+    async def _finish_close(self) -> None:
+        """The close sequence; the only code that closes the transport. Shielded."""
+        record = self._arbiter.record
+        if record is None:
+            # Cancelled from outside with no close requested: server shutdown.
+            self._request_close(1012, "server shutting down", CloseCause.SHUTDOWN)
+            record = self._arbiter.record
+            assert record is not None
+        deadline = self._close_deadline
+        assert deadline is not None
+        transport = self._transport
+        with trio.move_on_at(deadline):
+            try:
+                if self._arbiter.state is ConnectionState.REJECTED:
+                    if record.cause is not CloseCause.TRANSPORT:
+                        rejection = self._rejection
+                        assert record.http_status is not None
+                        await transport.reject(
+                            record.http_status,
+                            body=rejection.body if rejection else record.reason.encode(),
+                            headers=rejection.headers if rejection else (),
+                        )
+                elif not (record.cause.peer_gone or self._transport_broken):
+                    cfg = self.config
+                    outbox = self._outbox
+                    while (
+                        frame := outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
+                    ) is not None:
+                        await transport.send(frame)
+                        self._frames_sent += 1
+                        self._bytes_sent += len(frame)
+                    await transport.close(record.code, record.reason)
+            except PeerGone:
+                pass
+        self._outbox.clear()
+        await transport.abort()
+        self._arbiter.finish()
+
+
+async def serve_connection(
+    transport: MessageStream,
+    handler: ConnectionHandler,
+    *,
+    config: Config | None = None,
+    connection_id: str | None = None,
+    task_status: trio.TaskStatus[Connection] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one connection from handshake to close; returns when it is closed.
+
+    Never raises because of the client or the application: handler errors
+    close the connection with 1011, client faults with their close code.
+    Cancellation (server shutdown) closes it with 1012, shielded and bounded
+    by :attr:`Config.close_timeout`, and then propagates.
+
+    Args:
+        transport: The client's stream, handshake received and not answered.
+        handler: The application.
+        config: Bounds and timings (default :class:`Config` ``()``).
+        connection_id: An id for logs (default: random).
+        task_status: Started with the :class:`Connection` before the handshake.
+    """
+    connection = Connection(transport, config or Config(), connection_id or secrets.token_hex(6))
+    task_status.started(connection)
+    await connection._run(handler)

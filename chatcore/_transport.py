@@ -1,0 +1,93 @@
+"""The transport interface: a WebSocket seen as a stream of messages.
+
+A transport adapts one library's connection (trio-websocket, ASGI under
+hypercorn, the in-memory pair) to :class:`MessageStream`. Transports are tiny
+and contain no room or business logic. Their one job besides moving messages is
+to translate *every* library error into one signal, :class:`~chatcore.PeerGone`
+(or :class:`~chatcore.RemoteProtocolError` for a framing fault the library
+already answered), so nothing above them ever sees a library exception.
+
+Every transport passes :func:`chatcore.testing.check_message_stream`.
+"""
+
+from __future__ import annotations
+
+import abc
+
+from .sansio import HandshakeRequest
+
+__all__ = ["MessageStream"]
+
+
+class MessageStream(abc.ABC):
+    """One WebSocket connection, server side, as a stream of whole messages.
+
+    A stream starts with the client's handshake received (:attr:`request`) and
+    not yet answered. Exactly one of :meth:`accept` / :meth:`reject` may be
+    called, once. The connection actor is the only user of a stream and never
+    calls two methods concurrently, except that :meth:`receive` runs in the
+    reader task while :meth:`send` runs in the writer task.
+    """
+
+    #: The client's handshake.
+    request: HandshakeRequest
+
+    @abc.abstractmethod
+    async def accept(
+        self, *, subprotocol: str | None = None, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        """Accept the handshake.
+
+        Raises:
+            PeerGone: the client went away during the handshake.
+            LocalProtocolError: the handshake was already answered.
+        """
+
+    @abc.abstractmethod
+    async def reject(
+        self, status: int, *, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        """Refuse the handshake with an HTTP response, then release the link.
+
+        Never raises because the client is gone (the refusal is then moot).
+
+        Raises:
+            LocalProtocolError: the handshake was already answered.
+        """
+
+    @abc.abstractmethod
+    async def receive(self) -> str | bytes:
+        """The next whole message: ``str`` for a text frame, ``bytes`` for binary.
+
+        Raises:
+            PeerGone: the peer closed (``code`` set) or vanished (``code`` None).
+            RemoteProtocolError: the peer broke WebSocket framing and the
+                library already answered with ``code`` (e.g. 1009).
+        """
+
+    @abc.abstractmethod
+    async def send(self, text: str) -> None:
+        """Send one text frame.
+
+        If cancelled before it completes, the stream may hold a partial frame;
+        the transport must then treat itself as broken (a later :meth:`send`
+        or :meth:`close` raises :class:`~chatcore.PeerGone`) and drop the link.
+
+        Raises:
+            PeerGone: the link is gone or broken.
+        """
+
+    @abc.abstractmethod
+    async def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame, wait for the peer's, then release the link.
+
+        Unbounded by itself: the caller puts a deadline around it and calls
+        :meth:`abort` when it passes.
+
+        Raises:
+            PeerGone: the link was already gone.
+        """
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Drop the link at once, without a close handshake. Idempotent; never raises."""

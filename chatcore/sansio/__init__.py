@@ -1,0 +1,34 @@
+"""The pure core of chatcore: data in, data out.
+
+Nothing in this package imports trio or any I/O library, and nothing reads a
+clock (callers pass ``now``). ``tests/test_sansio_purity.py`` enforces it.
+"""
+
+from ._errors import (
+    ChatcoreError as ChatcoreError,
+)
+from ._errors import (
+    LocalProtocolError as LocalProtocolError,
+)
+from ._errors import (
+    ProtocolError as ProtocolError,
+)
+from ._errors import (
+    RemoteProtocolError as RemoteProtocolError,
+)
+from ._handshake import Accept as Accept
+from ._handshake import HandshakeRequest as HandshakeRequest
+from ._handshake import Reject as Reject
+from ._outbox import Delivery as Delivery
+from ._outbox import OutboundMessage as OutboundMessage
+from ._outbox import Outbox as Outbox
+from ._outbox import PushResult as PushResult
+from ._outbox import encode as encode
+from ._state import TRANSITIONS as TRANSITIONS
+from ._state import CloseArbiter as CloseArbiter
+from ._state import CloseCause as CloseCause
+from ._state import CloseOutcome as CloseOutcome
+from ._state import CloseRecord as CloseRecord
+from ._state import ConnectionState as ConnectionState
+from ._state import Input as Input
+from ._state import handshake_status_for as handshake_status_for

@@ -1,0 +1,8 @@
+"""Transports: adapters from WebSocket libraries to :class:`chatcore.MessageStream`."""
+
+from ._memory import BinaryFrame as BinaryFrame
+from ._memory import CloseFrame as CloseFrame
+from ._memory import MemoryClient as MemoryClient
+from ._memory import MemoryStream as MemoryStream
+from ._memory import TextFrame as TextFrame
+from ._memory import memory_stream_pair as memory_stream_pair

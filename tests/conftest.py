@@ -1,0 +1,3 @@
+"""Shared fixtures: an in-memory connection driven by the real actor."""
+
+from __future__ import annotations
