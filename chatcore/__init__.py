@@ -18,6 +18,14 @@ from ._exceptions import OutboxFull as OutboxFull
 from ._exceptions import PeerGone as PeerGone
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
+from ._hub import ErrorReply as ErrorReply
+from ._hub import Hub as Hub
+from ._hub import HubConfig as HubConfig
+from ._hub import HubStatistics as HubStatistics
+from ._hub import Identity as Identity
+from ._hub import Room as Room
+from ._hub import RoomStatistics as RoomStatistics
+from ._hub import Session as Session
 from ._transport import MessageStream as MessageStream
 from .sansio import Accept as Accept
 from .sansio import CloseCause as CloseCause

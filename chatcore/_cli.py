@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -78,7 +79,9 @@ async def _serve(handler: ConnectionHandler, host: str, port: int, config: Confi
     from .transports._trio_websocket import serve_websocket
 
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve_websocket, handler, host, port, config=config)
+        listeners = await nursery.start(
+            functools.partial(serve_websocket, handler, host, port, config=config)
+        )
         for listener in listeners:
             address = listener.socket.getsockname()
             print(f"chatcore: serving on ws://{address[0]}:{address[1]}/", flush=True)

@@ -1,0 +1,62 @@
+"""Rate limiting without a clock: callers pass ``now`` (seconds, any epoch)."""
+
+from __future__ import annotations
+
+from collections import deque
+
+__all__ = ["TokenBucket", "WindowCounter"]
+
+
+class TokenBucket:
+    """A token bucket: ``rate`` tokens per second, holding at most ``burst``.
+
+    Starts full. :meth:`take` spends one token if there is one.
+    """
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        if rate <= 0 or burst < 1:
+            raise ValueError("rate must be > 0 and burst >= 1")
+        #: Tokens added per second.
+        self.rate = rate
+        #: Capacity of the bucket.
+        self.burst = burst
+        self._tokens = float(burst)
+        self._stamp = now
+
+    def take(self, now: float) -> bool:
+        """Spend one token at time ``now``; False if the bucket is empty."""
+        elapsed = now - self._stamp
+        if elapsed > 0:
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class WindowCounter:
+    """Counts events in a sliding time window, remembering at most ``limit + 1``.
+
+    :meth:`hit` records one event and says whether the count within the last
+    ``window`` seconds now exceeds ``limit``.
+    """
+
+    __slots__ = ("_stamps", "limit", "window")
+
+    def __init__(self, limit: int, window: float) -> None:
+        #: Events allowed within the window.
+        self.limit = limit
+        #: Window length in seconds.
+        self.window = window
+        self._stamps: deque[float] = deque(maxlen=limit + 1)
+
+    def hit(self, now: float) -> bool:
+        """Record an event at ``now``; True if more than ``limit`` fall in the window."""
+        stamps = self._stamps
+        stamps.append(now)
+        while stamps and stamps[0] <= now - self.window:
+            stamps.popleft()
+        return len(stamps) > self.limit
