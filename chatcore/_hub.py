@@ -24,6 +24,7 @@ itself, so it arrives first.
 from __future__ import annotations
 
 import logging
+import random
 import secrets
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -63,6 +64,7 @@ from .sansio._protocol import (
     encode_message,
     encode_reply,
     encode_reply_error,
+    encode_shutdown,
     parse_client_message,
     valid_room,
     valid_user,
@@ -114,6 +116,9 @@ class HubConfig:
             request without ``Origin`` (not a browser) is judged by authenticate
             alone. ``None``: no Origin check.
         retry_after: Seconds announced in ``Retry-After`` on 503 refusals.
+        reconnect_min_ms: Lower bound of the jittered ``reconnect_after_ms`` sent
+            in ``shutdown`` during a drain.
+        reconnect_max_ms: Upper bound of it (spreads the reconnect storm).
         idle_rooms: Empty rooms whose offset and epoch are kept for when members
             come back; beyond it the least recently used are forgotten (and get
             a new epoch if they return).
@@ -133,7 +138,13 @@ class HubConfig:
         default=None, converter=attrs.converters.optional(frozenset)
     )
     retry_after: int = attrs.field(default=5, validator=_positive)
+    reconnect_min_ms: int = attrs.field(default=500, validator=_positive)
+    reconnect_max_ms: int = attrs.field(default=5_000, validator=_positive)
     idle_rooms: int = attrs.field(default=10_000, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.reconnect_min_ms > self.reconnect_max_ms:
+            raise ValueError("HubConfig.reconnect_min_ms must not exceed reconnect_max_ms")
 
 
 @attrs.frozen
@@ -430,6 +441,57 @@ class Hub(ConnectionHandler):
     def start_draining(self) -> None:
         """Refuse new handshakes with 503 and ``Retry-After`` from now on."""
         self._draining = True
+
+    async def drain(self, grace: float = 8.0) -> int:
+        """Gracefully close every connection within ``grace`` seconds.
+
+        1. Stop admitting: new handshakes get 503 with ``Retry-After``.
+        2. Queue ``{"type":"shutdown","reconnect_after_ms": …}`` to every
+           connection, jittered per connection between
+           :attr:`HubConfig.reconnect_min_ms` and ``reconnect_max_ms``.
+        3. Close the connections with 1012 in batches spread over
+           ``grace - close_timeout`` seconds, so that each close (bounded by
+           :attr:`Config.close_timeout`) still ends within ``grace``.
+        4. Wait until every connection is closed or ``grace`` passed.
+
+        Keep ``grace`` below the platform's kill deadline (Cloud Run and
+        Kubernetes default to 10 s after SIGTERM) and above ``close_timeout``.
+
+        Cancellation: stops the drain where it is; connections still open are
+        closed with 1012 by their own actors when the server is cancelled.
+
+        Returns:
+            How many connections were still open when it returned (0 on success).
+        """
+        start = trio.current_time()
+        deadline = start + grace
+        self.start_draining()
+        cfg = self.config
+        rng = random.Random()
+        sessions = list(self._sessions.values())
+        for session in sessions:
+            session.connection.offer(
+                encode_shutdown(rng.randint(cfg.reconnect_min_ms, cfg.reconnect_max_ms))
+            )
+        spread = max(0.0, grace - self.connection_config.close_timeout)
+        with trio.move_on_at(deadline):
+            for index, session in enumerate(sessions):
+                at = start + spread * index / len(sessions)
+                if at > trio.current_time():
+                    await trio.sleep_until(at)
+                session.connection.close_nowait(1012, "service restart", cause=CloseCause.SHUTDOWN)
+            # Handshakes accepted just before draining began register late: close them too.
+            while True:
+                for session in list(self._sessions.values()):
+                    session.connection.close_nowait(
+                        1012, "service restart", cause=CloseCause.SHUTDOWN
+                    )
+                for session in sessions:
+                    await session.connection.wait_closed()
+                if not self._sessions:
+                    break
+                sessions = list(self._sessions.values())
+        return len(self._sessions)
 
     def sessions(self) -> list[Session]:
         """Every open session (a snapshot)."""
