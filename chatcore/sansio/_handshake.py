@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import cached_property
 from http.cookies import CookieError, SimpleCookie
 from urllib.parse import parse_qs
@@ -11,7 +12,17 @@ import attrs
 __all__ = ["Accept", "HandshakeRequest", "Reject"]
 
 
-@attrs.frozen(cache_hash=False)
+def _lowercase_names(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    # Lookups compare lowercase names; normalising here means a transport (or a
+    # test) that passes ``("Origin", ...)`` cannot make the header invisible.
+    return tuple((name.lower(), value) for name, value in headers)
+
+
+# ``slots=False``: ``functools.cached_property`` stores into the instance
+# ``__dict__``; attrs only emulates that on slotted classes from 23.2 on, and a
+# plain ``__dict__`` works with every attrs (frozenness is unaffected: the
+# cache bypasses ``__setattr__``).
+@attrs.frozen(slots=False)
 class HandshakeRequest:
     """The opening handshake of a WebSocket connection, before it is accepted.
 
@@ -21,7 +32,8 @@ class HandshakeRequest:
     Attributes:
         path: The request path without the query string (e.g. ``"/ws"``).
         query_string: The raw query string, without ``?``.
-        headers: Header ``(name, value)`` pairs; names are lowercase.
+        headers: Header ``(name, value)`` pairs in arrival order; names are
+            stored lowercase (converted on construction).
         client: The client's ``(host, port)``, or ``None`` if unknown.
         subprotocols: Subprotocols the client offered, in its order.
         scheme: ``"ws"`` or ``"wss"``.
@@ -29,7 +41,7 @@ class HandshakeRequest:
 
     path: str
     query_string: str = ""
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_lowercase_names)
     client: tuple[str, int] | None = None
     subprotocols: tuple[str, ...] = ()
     scheme: str = "ws"

@@ -16,8 +16,9 @@ class TokenBucket:
     __slots__ = ("_stamp", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("rate must be > 0 and burst >= 1")
+        # ``not rate > 0`` also refuses NaN, which would empty the bucket forever.
+        if not rate > 0 or burst < 1:
+            raise ValueError(f"rate must be > 0 and burst >= 1, got {rate!r} and {burst!r}")
         #: Tokens added per second.
         self.rate = rate
         #: Capacity of the bucket.
@@ -47,6 +48,11 @@ class WindowCounter:
     __slots__ = ("_stamps", "limit", "window")
 
     def __init__(self, limit: int, window: float) -> None:
+        # A window <= 0 would expire every event at once (the counter would
+        # never fire); a negative limit is meaningless (and -2 or less would
+        # fail obscurely in deque()).
+        if limit < 0 or not window > 0:
+            raise ValueError(f"limit must be >= 0 and window > 0, got {limit!r} and {window!r}")
         #: Events allowed within the window.
         self.limit = limit
         #: Window length in seconds.

@@ -137,23 +137,27 @@ class Outbox:
             if slot is not None:
                 grown = self.nbytes - slot.nbytes + message.nbytes
                 if grown > self.max_bytes:
-                    self.dropped += 1
-                    return PushResult.DROPPED
+                    return self._refuse(message)
                 slot.text = message.text
                 slot.nbytes = message.nbytes
                 self.nbytes = grown
                 return PushResult.COALESCED
         if self.nbytes + message.nbytes > self.max_bytes or len(self._queue) >= self.max_messages:
-            if message.delivery is Delivery.EPHEMERAL:
-                self.dropped += 1
-                return PushResult.DROPPED
-            return PushResult.OVERFLOW
+            return self._refuse(message)
         slot = _Slot(message.text, message.nbytes, message.key)
         self._queue.append(slot)
         if message.key is not None:
             self._keyed[message.key] = slot
         self.nbytes += message.nbytes
         return PushResult.QUEUED
+
+    def _refuse(self, message: OutboundMessage) -> PushResult:
+        # No room. Only an ephemeral message may vanish; a durable one (keyed or
+        # not) must never be dropped silently, so the caller hears OVERFLOW.
+        if message.delivery is Delivery.EPHEMERAL:
+            self.dropped += 1
+            return PushResult.DROPPED
+        return PushResult.OVERFLOW
 
     def has_room_for(self, nbytes: int) -> bool:
         """True if a message of ``nbytes`` would be queued now."""

@@ -17,6 +17,7 @@ every recipient's outbox. See ``docs/protocol.md`` for the contract.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -25,6 +26,7 @@ import attrs
 from ._outbox import Delivery, OutboundMessage, encode
 
 __all__ = [
+    "MAX_NESTING",
     "PROTOCOL_VERSION",
     "AppMessage",
     "BadFrame",
@@ -57,6 +59,12 @@ Ref = str | int
 _ROOM = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _USER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _BUILTIN_TYPES = frozenset({"join", "leave", "publish", "ping", "pong"})
+
+#: The deepest nesting of arrays/objects a client message may have (the
+#: message object itself is level 1). Deeper frames are ``bad_message``: they
+#: would otherwise hit the interpreter's recursion limit in the decoder, or
+#: later in the encoder when the data is fanned out.
+MAX_NESTING = 128
 
 
 def valid_room(name: object) -> bool:
@@ -177,16 +185,62 @@ def _ref(obj: dict[str, Any]) -> tuple[bool, Ref | None]:
     return False, None
 
 
+class _NotFinite(ValueError):
+    """A number JSON cannot carry back: ``NaN``, ``Infinity``, or out of range."""
+
+
+def _reject_constant(name: str) -> float:
+    raise _NotFinite(name)
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):  # e.g. 1e400 overflows to inf
+        raise _NotFinite(literal)
+    return value
+
+
+def _too_deep(value: Any) -> bool:
+    """True if ``value`` nests arrays/objects more than :data:`MAX_NESTING` deep."""
+    # Iterative, so checking the depth cannot itself hit the recursion limit.
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                if depth >= MAX_NESTING:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
+
 def parse_client_message(text: str) -> ClientMessage | BadFrame:
     """Parse one client text frame (one JSON object).
 
     Unknown extra fields are ignored. A type that is not built in becomes an
     :class:`AppMessage`; whether the application handles it is decided above.
+    Never raises: whatever the text, the answer is a typed message or a
+    :class:`BadFrame`.
+
+    ``NaN``, ``Infinity`` and numbers too large for a float are not JSON that
+    the server could encode again, so they are ``bad_json``; nesting deeper
+    than :data:`MAX_NESTING` is ``bad_message``.
     """
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NotFinite:
+        return BadFrame(ErrorCode.BAD_JSON, "NaN, Infinity and out-of-range numbers are not JSON")
     except ValueError:
         return BadFrame(ErrorCode.BAD_JSON, "frame is not valid JSON")
+    except RecursionError:
+        return BadFrame(ErrorCode.BAD_MESSAGE, f"nested more than {MAX_NESTING} levels deep")
+    # Only a frame with enough brackets can be too deep: skip the walk otherwise.
+    if (
+        isinstance(obj, dict | list)
+        and text.count("[") + text.count("{") > MAX_NESTING
+        and _too_deep(obj)
+    ):
+        return BadFrame(ErrorCode.BAD_MESSAGE, f"nested more than {MAX_NESTING} levels deep")
     if not isinstance(obj, dict):
         return BadFrame(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
     ref_ok, ref = _ref(obj)
