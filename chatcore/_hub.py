@@ -374,7 +374,7 @@ class Hub(ConnectionHandler):
         #: The hub's limits.
         self.config = config or HubConfig()
         #: Bounds of every connection served for this hub.
-        self.connection_config = connection_config or Config()
+        self.connection_config: Config = connection_config or Config()
         self._authenticate = authenticate
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -826,9 +826,17 @@ class Hub(ConnectionHandler):
             if len(session._rooms) >= self.config.max_rooms_per_connection:
                 session._error(message.ref, ErrorCode.TOO_MANY_ROOMS, "too many rooms")
                 return
-            if self._authorize_join is not None and not await self._authorize_join(session, name):
-                session._error(message.ref, ErrorCode.FORBIDDEN, "not allowed to join this room")
-                return
+            if self._authorize_join is not None:
+                try:
+                    allowed = await self._authorize_join(session, name)
+                except ErrorReply as exc:  # a hook may refuse with its own code
+                    session._error(message.ref, exc.code, exc.message)
+                    return
+                if not allowed:
+                    session._error(
+                        message.ref, ErrorCode.FORBIDDEN, "not allowed to join this room"
+                    )
+                    return
         room = self._add_member(session, name)
         data: dict[str, Any] = {"room": name, "epoch": room.epoch, "offset": room.offset}
         if message.since is not None:
@@ -884,6 +892,13 @@ class Hub(ConnectionHandler):
         except ErrorReply as exc:
             session._error(message.ref, exc.code, exc.message)
             return
+        except Exception:
+            # A handler bug: the connection closes with 1011 (the actor's
+            # firewall logs it). The request still gets its answer, queued
+            # before the close frame; no detail leaks to the client.
+            if message.ref is not None:
+                session._error(message.ref, ErrorCode.INTERNAL, "internal error")
+            raise
         if message.ref is not None:
             session._reply(message.ref, result)
 

@@ -1,0 +1,25 @@
+"""Testing helpers for chatcore users: a protocol test client, and the transport conformance suite.
+
+* :func:`open_test_client` / :func:`open_test_clients` connect protocol
+  clients (:class:`TestClient`) to a handler through the in-memory transport
+  (see ``docs/testing.md``).
+* :func:`check_message_stream` checks that a transport keeps the
+  :class:`~chatcore.MessageStream` contract (see ``docs/transports.md``);
+  :func:`open_memory_pair` and :func:`open_trio_websocket_pair` make
+  ``(server stream, client)`` pairs for the two built-in transports.
+* :class:`WebSocketPeer` is a small WebSocket client (wsproto over a trio
+  stream) that can also misbehave on purpose, for tests against a real server.
+"""
+
+from ._client import ReplyError as ReplyError
+from ._client import TestClient as TestClient
+from ._client import open_test_client as open_test_client
+from ._client import open_test_clients as open_test_clients
+from ._conformance import MESSAGE_STREAM_CHECKS as MESSAGE_STREAM_CHECKS
+from ._conformance import MemoryPeer as MemoryPeer
+from ._conformance import PairFactory as PairFactory
+from ._conformance import TransportPeer as TransportPeer
+from ._conformance import WebSocketPeer as WebSocketPeer
+from ._conformance import check_message_stream as check_message_stream
+from ._conformance import open_memory_pair as open_memory_pair
+from ._conformance import open_trio_websocket_pair as open_trio_websocket_pair
