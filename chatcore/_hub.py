@@ -524,9 +524,10 @@ class Hub(ConnectionHandler):
         if not valid_room(room):
             raise ValueError(f"invalid room name {room!r}")
         target = self._room_for_publish(room)
-        offset = target._assign()
+        encoded = encode_message(room, target.offset + 1, target.epoch, sender, data)
+        offset = target._assign()  # only once encoding succeeded: no gaps
         self._published += 1
-        self._fan_out(target.members, encode_message(room, offset, target.epoch, sender, data))
+        self._fan_out(target.members, encoded)
         return offset
 
     def broadcast(
@@ -847,10 +848,8 @@ class Hub(ConnectionHandler):
         session._reply(message.ref, data)
 
     async def _publish(self, session: Session, message: Publish) -> None:
-        room = session._rooms.get(message.room)
-        if room is None:
-            session._error(message.ref, ErrorCode.NOT_JOINED, "join the room before publishing")
-            return
+        # Every publish frame spends a token, joined or not, so a client cannot
+        # flood with publishes to rooms it is not in.
         now = trio.current_time()
         if not session._bucket.take(now):
             if session._abuse.hit(now):
@@ -859,6 +858,10 @@ class Hub(ConnectionHandler):
                 )
                 return
             session._error(message.ref, ErrorCode.RATE_LIMITED, "publishing too fast")
+            return
+        room = session._rooms.get(message.room)
+        if room is None:
+            session._error(message.ref, ErrorCode.NOT_JOINED, "join the room before publishing")
             return
         data = message.data
         if self._on_publish is not None:
@@ -870,12 +873,13 @@ class Hub(ConnectionHandler):
             if session._rooms.get(message.room) is not room:  # left while the hook ran
                 session._error(message.ref, ErrorCode.NOT_JOINED, "left the room")
                 return
+        # Encode before taking the offset: data that cannot be encoded (an app
+        # hook's bug, closing with 1011) must not leave a gap in the order.
+        encoded = encode_message(room.name, room.offset + 1, room.epoch, session.user, data)
         offset = room._assign()
         self._published += 1
         session._reply(message.ref, {"offset": offset})
-        self._fan_out(
-            room.members, encode_message(room.name, offset, room.epoch, session.user, data)
-        )
+        self._fan_out(room.members, encoded)
 
     async def _app_message(self, session: Session, message: AppMessage) -> None:
         handler = self._handlers.get(message.type)

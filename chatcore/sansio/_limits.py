@@ -6,6 +6,12 @@ from collections import deque
 
 __all__ = ["TokenBucket", "WindowCounter"]
 
+# Refill is ``elapsed * rate`` in floating point, which can fall an ulp or so
+# short (0.15 - 0.10 == 0.04999999999999999): without slack a client pacing
+# itself at exactly ``rate`` would now and then be refused. A millionth of a
+# token is far below anything a client could exploit.
+_SLACK = 1e-6
+
 
 class TokenBucket:
     """A token bucket: ``rate`` tokens per second, holding at most ``burst``.
@@ -32,7 +38,7 @@ class TokenBucket:
         if elapsed > 0:
             self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
             self._stamp = now
-        if self._tokens >= 1:
+        if self._tokens >= 1 - _SLACK:
             self._tokens -= 1
             return True
         return False

@@ -200,6 +200,10 @@ def _finite_float(literal: str) -> float:
     return value
 
 
+# Built once: ``json.loads`` with hooks would build a decoder per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _too_deep(value: Any) -> bool:
     """True if ``value`` nests arrays/objects more than :data:`MAX_NESTING` deep."""
     # Iterative, so checking the depth cannot itself hit the recursion limit.
@@ -227,7 +231,7 @@ def parse_client_message(text: str) -> ClientMessage | BadFrame:
     than :data:`MAX_NESTING` is ``bad_message``.
     """
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = _DECODER.decode(text)
     except _NotFinite:
         return BadFrame(ErrorCode.BAD_JSON, "NaN, Infinity and out-of-range numbers are not JSON")
     except ValueError:
