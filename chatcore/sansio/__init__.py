@@ -19,6 +19,10 @@ from ._errors import (
 from ._handshake import Accept as Accept
 from ._handshake import HandshakeRequest as HandshakeRequest
 from ._handshake import Reject as Reject
+from ._history import History as History
+from ._history import HistoryEntry as HistoryEntry
+from ._history import Recovery as Recovery
+from ._history import RecoveryStatus as RecoveryStatus
 from ._limits import TokenBucket as TokenBucket
 from ._limits import WindowCounter as WindowCounter
 from ._outbox import Delivery as Delivery
@@ -26,6 +30,9 @@ from ._outbox import OutboundMessage as OutboundMessage
 from ._outbox import Outbox as Outbox
 from ._outbox import PushResult as PushResult
 from ._outbox import encode as encode
+from ._presence import PresenceDiff as PresenceDiff
+from ._presence import PresenceMeta as PresenceMeta
+from ._presence import PresenceTable as PresenceTable
 from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._protocol import AppMessage as AppMessage
 from ._protocol import BadFrame as BadFrame
