@@ -66,6 +66,9 @@ logger = logging.getLogger("chatcore.connection")
 
 _PING = encode({"type": "ping"}, delivery=Delivery.EPHEMERAL, key="\0ping")
 
+# A task to start in the connection's nursery: (function, args, name).
+_TaskSpec = tuple[Callable[..., Awaitable[object]], tuple[object, ...], object]
+
 # What escapes a task without being a crash: cancellation and interpreter exits.
 _PASS_THROUGH = (trio.Cancelled, KeyboardInterrupt, SystemExit, GeneratorExit)
 
@@ -75,6 +78,10 @@ class ConnectionHandler:
 
     The hub implements this; a bare application may too (see ``examples/echo.py``).
     """
+
+    #: Bounds for this handler's connections when the server is given none
+    #: (``None``: the :class:`Config` defaults). The hub sets it.
+    connection_config: Config | None = None
 
     async def authenticate(self, request: HandshakeRequest) -> Accept | Reject:
         """Decide on a handshake before anything is accepted.
@@ -167,6 +174,20 @@ class Connection:
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[str](config.inbox_size)
         # The nursery holding reader/writer/heartbeat/app tasks (while OPEN).
         self._nursery: trio.Nursery | None = None
+        # Tasks started after the accept decision but before the nursery exists
+        # (the transport was still answering the handshake); started with it.
+        self._pending_tasks: list[_TaskSpec] = []
+        # The task running serve_connection (the authenticate hook runs in it).
+        self._actor_task: trio.lowlevel.Task | None = None
+        # The writer's in-flight send; a close request clips its deadline to the
+        # close deadline, so a stalled send cannot stretch the close.
+        self._send_scope: trio.CancelScope | None = None
+        # A frame the writer took from the outbox but whose send did not finish
+        # (cancelled by shutdown): the close sequence sends it first, so it is
+        # not silently lost. A transport whose interrupted send wrote part of
+        # it is broken (the MessageStream contract), so that send raises
+        # PeerGone and the transport is aborted instead.
+        self._unsent: str | None = None
         # Cancelled by a close request during the handshake.
         self._handshake_scope = trio.CancelScope()
         # Set once the close is complete and the transport released.
@@ -233,6 +254,13 @@ class Connection:
         """
         if self._arbiter.state is not ConnectionState.OPEN:
             return PushResult.CLOSED
+        result = self._push(message)
+        if result is PushResult.OVERFLOW:
+            self._request_close(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
+        return result
+
+    def _push(self, message: OutboundMessage) -> PushResult:
+        """Push into the outbox, count, wake the writer; the caller handles OVERFLOW."""
         result = self._outbox.push(message)
         if result is PushResult.QUEUED:
             self._messages_queued += 1
@@ -241,8 +269,6 @@ class Connection:
         elif result is PushResult.COALESCED:
             self._coalesced += 1
             self._messages_queued += 1
-        elif result is PushResult.OVERFLOW:
-            self._request_close(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
         return result
 
     def send_nowait(self, message: Mapping[str, Any] | OutboundMessage) -> None:
@@ -251,14 +277,18 @@ class Connection:
         Raises:
             ConnectionClosed: the connection is closing or closed.
             OutboxFull: no room now (the connection stays open; the caller decides).
-            TypeError, ValueError: ``message`` is not JSON-serialisable.
+            TypeError, ValueError: ``message`` is not JSON-serialisable, or is
+                larger than :attr:`Config.outbox_max_bytes` (it could never fit).
         """
         if not isinstance(message, OutboundMessage):
             message = encode(message)
+        self._check_fits(message)
         self._raise_unless_open()
         if message.key is None and not self._outbox.has_room_for(message.nbytes):
             raise OutboxFull(f"outbox full ({self._outbox.nbytes} bytes queued)")
-        if self.offer(message) is PushResult.DROPPED:
+        # Not offer(): a full outbox is the caller's to handle here, even for a
+        # durable keyed message that offer() would turn into a 4001 close.
+        if self._push(message) in (PushResult.DROPPED, PushResult.OVERFLOW):
             raise OutboxFull(f"outbox full ({self._outbox.nbytes} bytes queued)")
 
     async def send(self, message: Mapping[str, Any] | OutboundMessage) -> None:
@@ -270,20 +300,32 @@ class Connection:
         Raises:
             ConnectionClosed: the connection is closing or closed (also if it
                 closes while waiting).
+            TypeError, ValueError: ``message`` is not JSON-serialisable, or is
+                larger than :attr:`Config.outbox_max_bytes` (it could never fit).
         """
         if not isinstance(message, OutboundMessage):
             message = encode(message)
+        self._check_fits(message)
         while True:
             self._raise_unless_open()
-            if self._outbox.has_room_for(message.nbytes) or len(self._outbox) == 0:
+            if self._outbox.has_room_for(message.nbytes):
                 break
             await self._room_lot.park()
         await trio.lowlevel.checkpoint()
         self._raise_unless_open()
-        if self._outbox.has_room_for(message.nbytes) or len(self._outbox) == 0:
+        if self._outbox.has_room_for(message.nbytes):
             self.offer(message)
         else:  # filled up during the checkpoint: wait again
             await self.send(message)
+
+    def _check_fits(self, message: OutboundMessage) -> None:
+        # Even an empty outbox refuses it: waiting would be forever, and
+        # queueing it anyway would close the connection as a slow consumer.
+        if message.nbytes > self._outbox.max_bytes:
+            raise ValueError(
+                f"message of {message.nbytes} bytes can never fit the outbox "
+                f"(outbox_max_bytes={self._outbox.max_bytes})"
+            )
 
     def _raise_unless_open(self) -> None:
         if self._arbiter.state is not ConnectionState.OPEN:
@@ -333,7 +375,10 @@ class Connection:
             ConnectionClosed: the connection is not open.
         """
         self._raise_unless_open()
-        assert self._nursery is not None
+        if self._nursery is None:
+            # Accepted, but the transport is still answering the handshake.
+            self._pending_tasks.append((fn, args, name or fn))
+            return
         self._nursery.start_soon(self._guarded, fn, args, False, name=name or fn)
 
     async def _guarded(
@@ -352,13 +397,23 @@ class Connection:
         if isinstance(exc, BaseExceptionGroup):
             passing, crashing = exc.split(_PASS_THROUGH)
             if crashing is not None:
+                crashing = crashing.split(lambda e: self._is_own_close(e))[1]
+            if crashing is not None:
                 self._crash(crashing, where)
             if passing is not None:
                 raise passing
             return
         if isinstance(exc, _PASS_THROUGH):
             raise exc
-        self._crash(exc, where)
+        if not self._is_own_close(exc):
+            self._crash(exc, where)
+
+    def _is_own_close(self, exc: BaseException) -> bool:
+        # A task that used this connection after its close got ConnectionClosed
+        # carrying this very record: it ended with the connection, it did not
+        # crash (no 1011, no error log; the close is already decided).
+        record = self._arbiter.record
+        return record is not None and isinstance(exc, ConnectionClosed) and exc.record is record
 
     def _crash(self, exc: BaseException, where: str) -> None:
         logger.error("connection %s: %s raised; closing with 1011", self.id, where, exc_info=exc)
@@ -386,8 +441,9 @@ class Connection:
         CLOSED it returns at once. Bounded by :attr:`Config.close_timeout`
         (then the transport is aborted).
 
-        Called from one of the connection's own tasks it returns without
-        waiting: the calling task is cancelled as part of the close.
+        Called from one of the connection's own tasks (or from the
+        authenticate hook) it returns without waiting: the calling task is
+        cancelled as part of the close.
 
         Returns:
             Whether this call decided the close, and the recorded close.
@@ -406,12 +462,15 @@ class Connection:
         return self._arbiter.record
 
     def _inside(self) -> bool:
-        """True if the current task belongs to this connection's nursery."""
+        """True if the current task is the actor or belongs to the connection's nursery.
+
+        Such a task cannot wait for the close: the close waits for it.
+        """
         nursery = self._nursery
-        if nursery is None:
-            return False
         task: trio.lowlevel.Task | None = trio.lowlevel.current_task()
         while task is not None:
+            if task is self._actor_task:
+                return True
             parent = task.parent_nursery
             if parent is None:
                 return False
@@ -427,6 +486,8 @@ class Connection:
             self._close_deadline = trio.current_time() + self.config.close_timeout
             if was is ConnectionState.CONNECTING:
                 self._handshake_scope.cancel()
+            if self._send_scope is not None:
+                self._send_scope.deadline = min(self._send_scope.deadline, self._close_deadline)
             logger.debug("connection %s: close %d (%s) %r", self.id, code, cause.value, reason)
             # Wake the writer so it returns and cancels the nursery; wake
             # senders so they raise ConnectionClosed.
@@ -475,16 +536,23 @@ class Connection:
                     continue
                 if self._room_lot:
                     self._room_lot.unpark_all()
+                self._unsent = frame
                 with trio.move_on_after(cfg.send_timeout) as stalled:
+                    self._send_scope = stalled
                     try:
                         await transport.send(frame)
                     except PeerGone:
                         self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
                         return
+                    finally:
+                        self._send_scope = None
                 if stalled.cancelled_caught:
+                    # Past send_timeout, or past the close deadline of a close
+                    # requested meanwhile: the frame may be half-written.
                     self._transport_broken = True
                     self._request_close(4001, "send stalled", CloseCause.SLOW_CONSUMER)
                     return
+                self._unsent = None
                 self._frames_sent += 1
                 self._bytes_sent += len(frame)
         finally:
@@ -507,6 +575,7 @@ class Connection:
     # -- the actor -------------------------------------------------------------
 
     async def _run(self, handler: ConnectionHandler) -> None:
+        self._actor_task = trio.lowlevel.current_task()
         try:
             if await self._handshake(handler):
                 try:
@@ -518,11 +587,18 @@ class Connection:
                         nursery.start_soon(
                             self._guarded, handler.handle, (self,), True, name=handler.handle
                         )
+                        for fn, args, name in self._pending_tasks:
+                            nursery.start_soon(self._guarded, fn, args, False, name=name)
+                        self._pending_tasks.clear()
                 finally:
                     self._inbox_send.close()
                     with trio.CancelScope(shield=True):
                         await self._finish_close()
         finally:
+            # Also when the nursery never ran: a receive() waiting since the
+            # accept decision must not wait forever.
+            self._inbox_send.close()
+            self._pending_tasks.clear()
             self._closed.set()
             try:
                 handler.connection_closed(self)
@@ -539,9 +615,15 @@ class Connection:
                 if isinstance(decision, Accept):
                     self.identity = decision.identity
                     self._arbiter.accept()
-                    await self._transport.accept(
-                        subprotocol=decision.subprotocol, headers=decision.headers
-                    )
+                    try:
+                        await self._transport.accept(
+                            subprotocol=decision.subprotocol, headers=decision.headers
+                        )
+                    except BaseException:
+                        # The handshake answer may be half-written: no close
+                        # frame can follow it, only an abort.
+                        self._transport_broken = True
+                        raise
                     return True
                 if not isinstance(decision, Reject):
                     raise TypeError(f"authenticate returned {decision!r}, not Accept/Reject")
@@ -597,12 +679,15 @@ class Connection:
                 elif not (record.cause.peer_gone or self._transport_broken):
                     cfg = self.config
                     outbox = self._outbox
-                    while (
-                        frame := outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
-                    ) is not None:
+                    # What the writer had in hand goes first, then the rest, in order.
+                    frame, self._unsent = self._unsent, None
+                    if frame is None:
+                        frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
+                    while frame is not None:
                         await transport.send(frame)
                         self._frames_sent += 1
                         self._bytes_sent += len(frame)
+                        frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
                     await transport.close(record.code, record.reason)
             except PeerGone:
                 pass
@@ -629,10 +714,12 @@ async def serve_connection(
     Args:
         transport: The client's stream, handshake received and not answered.
         handler: The application.
-        config: Bounds and timings (default :class:`Config` ``()``).
+        config: Bounds and timings (default: ``handler.connection_config``, else
+            :class:`Config` ``()``).
         connection_id: An id for logs (default: random).
         task_status: Started with the :class:`Connection` before the handshake.
     """
-    connection = Connection(transport, config or Config(), connection_id or secrets.token_hex(6))
+    config = config or handler.connection_config or Config()
+    connection = Connection(transport, config, connection_id or secrets.token_hex(6))
     task_status.started(connection)
     await connection._run(handler)

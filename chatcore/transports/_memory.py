@@ -10,6 +10,7 @@ without one. Every frame the client receives is also logged in
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 
 import attrs
@@ -59,7 +60,11 @@ Frame = TextFrame | BinaryFrame | CloseFrame
 
 
 class _Pipe:
-    """One direction of the link: a bounded frame buffer that can be cut."""
+    """One direction of the link: a bounded frame buffer that can be cut.
+
+    A frame is queued whole or not at all: a cancelled :meth:`put` queued
+    nothing (an in-memory frame is never half-written).
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -68,12 +73,21 @@ class _Pipe:
         self.eof = False  # the writing side sent its close frame and stopped
         self._lot = trio.lowlevel.ParkingLot()
 
-    async def put(self, frame: Frame, *, force: bool = False) -> None:
-        while not force and len(self.frames) >= self.capacity and not self.cut:
+    async def put(self, frame: Frame) -> None:
+        while len(self.frames) >= self.capacity and not self.cut:
             await self._lot.park()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        self.put_nowait(frame)
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def put_nowait(self, frame: Frame) -> None:
+        """Queue ``frame`` now, over capacity if need be (a close frame's answer).
+
+        Synchronous, so the answer to a close frame cannot be lost to a
+        cancellation between deciding to answer and answering.
+        """
         if self.cut:
             raise PeerGone(None)
-        await trio.lowlevel.checkpoint()
         self.frames.append(frame)
         self._lot.unpark_all()
 
@@ -85,6 +99,7 @@ class _Pipe:
         await trio.lowlevel.checkpoint_if_cancelled()
         frame = self.frames.popleft()
         self._lot.unpark_all()
+        await trio.lowlevel.cancel_shielded_checkpoint()
         return frame
 
     def drop(self) -> None:
@@ -119,8 +134,6 @@ class MemoryStream(MessageStream):
         self._close_sent = False
         # The peer's close frame arrived (its code/reason), or None.
         self._peer_close: CloseFrame | None = None
-        # A send was cancelled midway; treat the link as broken from then on.
-        self._broken = False
 
     def _answer(self) -> None:
         if self._answered:
@@ -131,12 +144,14 @@ class MemoryStream(MessageStream):
         self, *, subprotocol: str | None = None, headers: tuple[tuple[str, str], ...] = ()
     ) -> None:
         """See :meth:`MessageStream.accept`."""
+        # Answered whole or not at all: cancelled here, nothing was answered.
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._answer()
-        await trio.lowlevel.checkpoint()
         if self._link.to_server.cut:
             raise PeerGone(None)
         self._link.subprotocol = subprotocol
         self._link.answered.set()
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def reject(
         self, status: int, *, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
@@ -157,8 +172,10 @@ class MemoryStream(MessageStream):
             self._peer_close = frame
             if not self._close_sent:
                 # Like a WebSocket library: answer the close frame, then drop TCP.
+                # Synchronously: a cancellation must not leave it "sent" but unsent.
                 self._close_sent = True
-                await self._link.to_client.put(CloseFrame(frame.code, frame.reason), force=True)
+                with contextlib.suppress(PeerGone):
+                    self._link.to_client.put_nowait(CloseFrame(frame.code, frame.reason))
             self._link.to_client.eof = True
             raise PeerGone(frame.code, frame.reason)
         if isinstance(frame, BinaryFrame):
@@ -166,20 +183,18 @@ class MemoryStream(MessageStream):
         return frame.text
 
     async def send(self, text: str) -> None:
-        """See :meth:`MessageStream.send`."""
-        if self._close_sent or self._broken or self._peer_close is not None:
+        """See :meth:`MessageStream.send`.
+
+        An in-memory frame is queued whole or not at all, so a cancelled send
+        sent nothing and leaves the stream usable (the contract allows that).
+        """
+        if self._close_sent or self._peer_close is not None:
             raise PeerGone(None)
-        done = False
-        try:
-            await self._link.to_client.put(TextFrame(text))
-            done = True
-        finally:
-            if not done:
-                self._broken = True
+        await self._link.to_client.put(TextFrame(text))
 
     async def close(self, code: int, reason: str = "") -> None:
         """See :meth:`MessageStream.close`."""
-        if self._broken or self._link.to_client.cut:
+        if self._link.to_client.cut:
             raise PeerGone(None)
         if not self._close_sent:
             if self._peer_close is not None:
@@ -263,7 +278,8 @@ class MemoryClient:
         self.frames.append(frame)
         if isinstance(frame, CloseFrame) and not self._close_sent:
             self._close_sent = True
-            await self._link.to_server.put(CloseFrame(frame.code, frame.reason), force=True)
+            with contextlib.suppress(PeerGone):  # the server may have dropped the link
+                self._link.to_server.put_nowait(CloseFrame(frame.code, frame.reason))
         return frame
 
     async def receive(self) -> str:
