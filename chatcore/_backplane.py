@@ -1,0 +1,305 @@
+"""Backplanes: where a room's order is decided and how it reaches every node.
+
+Theory of operation
+-------------------
+
+A hub delivers to the connections it holds; a *backplane* connects hubs. It
+does three things and nothing else:
+
+1. **Sequencing.** :meth:`Backplane.publish` gives a room message its place in
+   the room's order (``epoch``, ``offset``: +1 per message) in exactly one
+   place, stores it in the room's history, and hands it to every node that
+   watches the room, this one included, as a :class:`Sequenced`. The message
+   is encoded once, where its offset is assigned.
+2. **Recovery.** :meth:`Backplane.replay` returns the stored messages after an
+   offset, or ``None`` when they are not all there any more (never partial).
+3. **Directed delivery.** Messages for a user (all their connections,
+   wherever they are) and user disconnects.
+
+The hub (the :class:`BackplaneSink`) keeps its own position per room and
+delivers what arrives in offset order, dropping duplicates and asking
+:meth:`Backplane.replay` to fill gaps. The publisher's ``reply`` is matched
+by ``nonce``, so it goes out right before the publisher's own message
+whichever of the two a node learns first.
+
+:class:`LocalBackplane` is the in-process default: one process, zero
+services, delivery synchronous. ``chatcore.redis.RedisBackplane`` runs the
+same contract across processes and nodes.
+"""
+
+from __future__ import annotations
+
+import abc
+import secrets
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import attrs
+import trio
+
+from ._exceptions import ChatcoreError
+from .sansio import History, OutboundMessage
+from .sansio._protocol import encode_message
+
+__all__ = [
+    "Backplane",
+    "BackplaneError",
+    "BackplaneSink",
+    "HistoryConfig",
+    "LocalBackplane",
+    "Position",
+    "Sequenced",
+]
+
+
+class BackplaneError(ChatcoreError):
+    """The backplane cannot do it now (e.g. Redis is unreachable).
+
+    Whose fault: the infrastructure's. The hub answers the request with the
+    ``unavailable`` error code; open connections stay up.
+    """
+
+
+@attrs.frozen
+class Position:
+    """Where a room's order stands.
+
+    Attributes:
+        epoch: The room's epoch (changes when its history was lost).
+        offset: The last assigned offset (0 before the first message).
+    """
+
+    epoch: str
+    offset: int
+
+
+@attrs.frozen
+class Sequenced:
+    """A room message with its place in the room's order.
+
+    Attributes:
+        room: The room.
+        epoch: The epoch the offset belongs to.
+        offset: The message's offset.
+        message: The encoded ``message`` (encoded once, where sequenced).
+        nonce: Set by the publishing node to match the publisher's reply.
+    """
+
+    room: str
+    epoch: str
+    offset: int
+    message: OutboundMessage
+    nonce: str | None = None
+
+
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not value > 0:
+        raise ValueError(f"HistoryConfig.{attribute.name} must be > 0, got {value!r}")
+
+
+@attrs.frozen
+class HistoryConfig:
+    """How much of each room's order is kept for recovery.
+
+    Attributes:
+        max_messages: Messages kept per room.
+        max_age: Seconds a message is kept (``None``: no age limit).
+        max_bytes: Encoded bytes kept per room (``None``: no byte limit).
+        rooms: Rooms whose order is kept in memory (in-process backplane only);
+            beyond it the least recently used are forgotten, and get a new
+            epoch if they come back.
+    """
+
+    max_messages: int = attrs.field(default=1_000, validator=_positive)
+    max_age: float | None = attrs.field(default=3_600.0, validator=_positive)
+    max_bytes: int | None = attrs.field(default=1_048_576, validator=_positive)
+    rooms: int = attrs.field(default=10_000, validator=_positive)
+
+
+class BackplaneSink(Protocol):
+    """What a backplane calls on its hub (implemented by :class:`chatcore.Hub`)."""
+
+    def _deliver(self, item: Sequenced) -> None:
+        """A room message, possibly a duplicate or out of order."""
+
+    def _deliver_to_user(self, user: str, message: OutboundMessage) -> None:
+        """A message for every local connection of ``user``."""
+
+    def _disconnect_user_here(self, user: str, code: int, reason: str) -> None:
+        """Close every local connection of ``user``."""
+
+    def _presence_event(self, node: str, event: dict[str, Any]) -> None:
+        """A presence event published by another node (see :meth:`Backplane.publish_presence`)."""
+
+    def _node_down(self, node: str) -> None:
+        """Another node's lease expired: forget its connections (presence)."""
+
+    def _room_reset(self, room: str) -> None:
+        """The room's order was lost (new epoch): re-read its position."""
+
+
+class Backplane(abc.ABC):
+    """Sequencing, history and directed delivery between hubs (see module docs)."""
+
+    #: This node's id (unique per process).
+    node_id: str
+
+    @abc.abstractmethod
+    def attach(self, sink: BackplaneSink) -> None:
+        """Connect the hub that receives this backplane's deliveries (once)."""
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the backplane's background tasks until cancelled.
+
+        The in-process backplane has none and returns at once after
+        ``task_status.started()``.
+        """
+        task_status.started()
+
+    @property
+    def degraded(self) -> bool:
+        """True while the backplane cannot currently do its job (e.g. Redis down)."""
+        return False
+
+    @abc.abstractmethod
+    async def publish(
+        self, room: str, sender: str | None, data: Any, nonce: str | None
+    ) -> Position:
+        """Sequence, store and deliver a room message; returns its position.
+
+        Raises:
+            BackplaneError: it could not be sequenced (nothing was stored).
+            TypeError, ValueError: ``data`` is not JSON-serialisable (nothing stored).
+        """
+
+    @abc.abstractmethod
+    async def position(self, room: str) -> Position:
+        """The room's current position.
+
+        Raises:
+            BackplaneError: unreachable.
+        """
+
+    @abc.abstractmethod
+    async def replay(self, room: str, epoch: str, after: int, upto: int) -> list[Sequenced] | None:
+        """The stored messages with ``after < offset <= upto``, in order.
+
+        Returns:
+            The messages, or ``None`` if the epoch differs or any of them is
+            no longer stored (recovery is never partial).
+
+        Raises:
+            BackplaneError: unreachable.
+        """
+
+    def watch(self, room: str) -> None:  # noqa: B027  (optional: local delivery needs none)
+        """This node has members in ``room`` now: deliver its messages here."""
+
+    def unwatch(self, room: str) -> None:  # noqa: B027
+        """This node has no members in ``room`` any more."""
+
+    @abc.abstractmethod
+    async def send_to_user(self, user: str, message: OutboundMessage) -> None:
+        """Deliver ``message`` to every connection of ``user`` on every node."""
+
+    @abc.abstractmethod
+    async def disconnect_user(self, user: str, code: int, reason: str) -> None:
+        """Close every connection of ``user`` on every node."""
+
+    async def publish_presence(self, event: dict[str, Any]) -> None:
+        """Tell the other nodes about a local presence change (JSON-able ``event``).
+
+        They receive it through :meth:`BackplaneSink._presence_event`. The
+        in-process backplane has no other nodes.
+        """
+        await trio.lowlevel.checkpoint()
+
+
+class _RoomStore:
+    __slots__ = ("epoch", "history")
+
+    def __init__(self, history: HistoryConfig) -> None:
+        self.epoch = secrets.token_hex(4)
+        self.history = History(history.max_messages, history.max_age, history.max_bytes)
+
+
+class LocalBackplane(Backplane):
+    """The in-process backplane: one process, zero services (the default).
+
+    Each room's order and history live in memory; a process restart loses
+    them, so rooms get new epochs (clients are told ``recovered: false``).
+
+    Args:
+        history: How much history to keep.
+    """
+
+    def __init__(self, history: HistoryConfig | None = None) -> None:
+        #: This process's node id.
+        self.node_id = "local-" + secrets.token_hex(4)
+        #: The history bounds in force.
+        self.history = history or HistoryConfig()
+        self._sink: BackplaneSink | None = None
+        # Room stores, least recently used first (bounded by history.rooms).
+        self._rooms: OrderedDict[str, _RoomStore] = OrderedDict()
+
+    def attach(self, sink: BackplaneSink) -> None:
+        """See :meth:`Backplane.attach`."""
+        self._sink = sink
+
+    def _store(self, room: str) -> _RoomStore:
+        store = self._rooms.get(room)
+        if store is None:
+            store = self._rooms[room] = _RoomStore(self.history)
+            while len(self._rooms) > self.history.rooms:
+                self._rooms.popitem(last=False)
+        else:
+            self._rooms.move_to_end(room)
+        return store
+
+    async def publish(
+        self, room: str, sender: str | None, data: Any, nonce: str | None
+    ) -> Position:
+        """See :meth:`Backplane.publish` (synchronous delivery)."""
+        await trio.lowlevel.checkpoint()
+        store = self._store(room)
+        history = store.history
+        offset = history.last_offset + 1
+        # Encode before the offset is taken: unencodable data leaves no gap.
+        message = encode_message(room, offset, store.epoch, sender, data)
+        history.append(offset, message, trio.current_time())
+        if self._sink is not None:
+            self._sink._deliver(Sequenced(room, store.epoch, offset, message, nonce))
+        return Position(store.epoch, offset)
+
+    async def position(self, room: str) -> Position:
+        """See :meth:`Backplane.position`."""
+        await trio.lowlevel.checkpoint()
+        store = self._store(room)
+        return Position(store.epoch, store.history.last_offset)
+
+    async def replay(self, room: str, epoch: str, after: int, upto: int) -> list[Sequenced] | None:
+        """See :meth:`Backplane.replay`."""
+        await trio.lowlevel.checkpoint()
+        store = self._rooms.get(room)
+        if store is None or store.epoch != epoch:
+            return None
+        recovery = store.history.since(after, trio.current_time())
+        if not recovery.complete:
+            return None
+        return [
+            Sequenced(room, epoch, entry.offset, entry.message)
+            for entry in recovery.messages
+            if entry.offset <= upto
+        ]
+
+    async def send_to_user(self, user: str, message: OutboundMessage) -> None:
+        """See :meth:`Backplane.send_to_user`."""
+        await trio.lowlevel.checkpoint()
+        if self._sink is not None:
+            self._sink._deliver_to_user(user, message)
+
+    async def disconnect_user(self, user: str, code: int, reason: str) -> None:
+        """See :meth:`Backplane.disconnect_user`."""
+        await trio.lowlevel.checkpoint()
+        if self._sink is not None:
+            self._sink._disconnect_user_here(user, code, reason)
