@@ -94,6 +94,12 @@ def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> Non
         raise ValueError(f"HubConfig.{attribute.name} must be > 0, got {value!r}")
 
 
+def _origins(value: Iterable[str] | None) -> frozenset[str] | None:
+    # A typed converter: with ``optional(frozenset)`` mypy cannot infer the
+    # parameter type, and passing a set of origins fails type checking.
+    return None if value is None else frozenset(value)
+
+
 @attrs.frozen
 class HubConfig:
     """Limits of a hub, with the documented defaults (PROTOCOL.md, Pinned details).
@@ -134,9 +140,7 @@ class HubConfig:
     abuse_window: float = attrs.field(default=60.0, validator=_positive)
     bad_frame_limit: int = attrs.field(default=10, validator=_positive)
     bad_frame_window: float = attrs.field(default=60.0, validator=_positive)
-    allowed_origins: frozenset[str] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(frozenset)
-    )
+    allowed_origins: frozenset[str] | None = attrs.field(default=None, converter=_origins)
     retry_after: int = attrs.field(default=5, validator=_positive)
     reconnect_min_ms: int = attrs.field(default=500, validator=_positive)
     reconnect_max_ms: int = attrs.field(default=5_000, validator=_positive)
@@ -396,6 +400,10 @@ class Hub(ConnectionHandler):
         self._reserved_addresses: dict[str, int] = {}
         # While True, handshakes are refused with 503.
         self._draining = False
+        # Created by drain(): set when the last accepted connection has closed
+        # (no reservation left). While it exists, a connection that registers
+        # (accepted just before the drain began) is shut down at once.
+        self._drained: trio.Event | None = None
         self._published = 0
         self._delivered = 0
         self._dropped = 0
@@ -452,7 +460,9 @@ class Hub(ConnectionHandler):
         3. Close the connections with 1012 in batches spread over
            ``grace - close_timeout`` seconds, so that each close (bounded by
            :attr:`Config.close_timeout`) still ends within ``grace``.
-        4. Wait until every connection is closed or ``grace`` passed.
+        4. Wait until every connection is closed or ``grace`` passed. A
+           connection whose handshake was accepted just before the drain
+           began is sent ``shutdown`` and closed with 1012 as it opens.
 
         Keep ``grace`` below the platform's kill deadline (Cloud Run and
         Kubernetes default to 10 s after SIGTERM) and above ``close_timeout``.
@@ -466,6 +476,8 @@ class Hub(ConnectionHandler):
         start = trio.current_time()
         deadline = start + grace
         self.start_draining()
+        if self._drained is None:
+            self._drained = trio.Event()
         cfg = self.config
         rng = random.Random()
         sessions = list(self._sessions.values())
@@ -480,18 +492,12 @@ class Hub(ConnectionHandler):
                 if at > trio.current_time():
                     await trio.sleep_until(at)
                 session.connection.close_nowait(1012, "service restart", cause=CloseCause.SHUTDOWN)
-            # Handshakes accepted just before draining began register late: close them too.
-            while True:
-                for session in list(self._sessions.values()):
-                    session.connection.close_nowait(
-                        1012, "service restart", cause=CloseCause.SHUTDOWN
-                    )
-                for session in sessions:
-                    await session.connection.wait_closed()
-                if not self._sessions:
-                    break
-                sessions = list(self._sessions.values())
-        return len(self._sessions)
+            # Handshakes accepted just before draining began may not have
+            # registered yet: ``handle`` shuts them down as they do. Wait until
+            # every accepted connection (every reservation) is closed.
+            if self._reserved_total:
+                await self._drained.wait()
+        return self._reserved_total
 
     def sessions(self) -> list[Session]:
         """Every open session (a snapshot)."""
@@ -763,6 +769,8 @@ class Hub(ConnectionHandler):
         _decrement(self._reserved_users, identity.user)
         if connection.request.client:
             _decrement(self._reserved_addresses, connection.request.client[0])
+        if self._reserved_total == 0 and self._drained is not None:
+            self._drained.set()
 
     async def handle(self, connection: Connection) -> None:
         """Serve one connection: hello, then dispatch its messages in order."""
@@ -778,6 +786,14 @@ class Hub(ConnectionHandler):
                     connection.id, session.user, cfg.heartbeat_interval, cfg.heartbeat_timeout
                 )
             )
+            if self._drained is not None:  # accepted just before a drain began
+                hub_cfg = self.config
+                connection.offer(
+                    encode_shutdown(
+                        random.randint(hub_cfg.reconnect_min_ms, hub_cfg.reconnect_max_ms)
+                    )
+                )
+                connection.close_nowait(1012, "service restart", cause=CloseCause.SHUTDOWN)
             if self._on_connect is not None:
                 await self._on_connect(session)
             async for text in connection:

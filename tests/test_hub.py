@@ -51,8 +51,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from typing import Any
 from unittest.mock import ANY
 
@@ -79,7 +78,7 @@ from chatcore import (
     serve_connection,
 )
 from chatcore.sansio import AppMessage
-from chatcore.testing import ReplyError, TestClient, open_test_client
+from chatcore.testing import ReplyError, TestClient, open_test_client, open_test_clients
 from chatcore.transports import CloseFrame, TextFrame, memory_stream_pair
 
 # -- helpers -------------------------------------------------------------------
@@ -105,15 +104,6 @@ async def refused(hub: Hub, **options: Any) -> HandshakeRejected:
         async with open_test_client(hub, **options):
             pass  # pragma: no cover  (the handshake must be refused)
     return info.value
-
-
-@asynccontextmanager
-async def clients(hub: Hub, users: list[str], **options: Any) -> AsyncIterator[list[TestClient]]:
-    async with AsyncExitStack() as stack:
-        yield [
-            await stack.enter_async_context(open_test_client(hub, user=user, **options))
-            for user in users
-        ]
 
 
 async def drain_messages(client: TestClient) -> list[dict[str, Any]]:
@@ -237,6 +227,20 @@ async def test_authenticate_hook_raising_is_500(
     assert hub.statistics().connections == 0
 
 
+async def test_authenticate_slower_than_the_handshake_timeout_is_503(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async def authenticate(request: HandshakeRequest) -> str:
+        await trio.sleep(3600)  # a stuck identity provider
+        return "never"  # pragma: no cover
+
+    hub = make_hub(authenticate=authenticate, connection_config=Config(handshake_timeout=2))
+    start = trio.current_time()
+    assert (await refused(hub)).status == 503
+    assert trio.current_time() - start == pytest.approx(2)
+    assert hub.statistics().connections == 0
+
+
 async def test_origin_allow_list(autojump_clock: trio.abc.Clock) -> None:
     calls: list[str | None] = []
 
@@ -287,7 +291,7 @@ async def test_per_user_limit_at_the_boundary(autojump_clock: trio.abc.Clock) ->
 
 async def test_per_user_default_limit_is_20(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with clients(hub, ["carol"] * 20):
+    async with open_test_clients(hub, ["carol"] * 20):
         assert (await refused(hub, user="carol")).status == 429
 
 
@@ -308,13 +312,13 @@ async def test_per_address_limit(autojump_clock: trio.abc.Clock) -> None:
 
 async def test_per_address_limit_is_off_by_default(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with clients(hub, [f"u{i}" for i in range(30)], client=("192.0.2.1", 1)):
+    async with open_test_clients(hub, [f"u{i}" for i in range(30)], client=("192.0.2.1", 1)):
         assert hub.statistics().connections == 30
 
 
 async def test_max_connections_is_503_with_retry_after(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub(config=HubConfig(max_connections=2, retry_after=7))
-    async with clients(hub, ["a", "b"]):
+    async with open_test_clients(hub, ["a", "b"]):
         assert (await refused(hub, user="c")).status == 503
         # The same decision, seen by a transport: the Retry-After header.
         decision = await hub.authenticate(HandshakeRequest("/ws", "user=c"))
@@ -377,7 +381,7 @@ async def test_publisher_gets_its_reply_before_its_own_message(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     hub = make_hub()
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         await alice.join("lobby")
         await bob.join("lobby")
         for n in range(1, 4):
@@ -395,7 +399,7 @@ async def test_join_offset_is_last_assigned_and_first_message_is_1(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     hub = make_hub()
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         joined = await alice.join("lobby")
         assert joined["offset"] == 0
         epoch = joined["epoch"]
@@ -414,7 +418,7 @@ async def test_join_offset_is_last_assigned_and_first_message_is_1(
 
 async def test_leave_then_publish_is_not_joined(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         await alice.join("lobby")
         await bob.join("lobby")
         await alice.leave("lobby")
@@ -457,7 +461,7 @@ async def test_authorize_join_false_is_forbidden(autojump_clock: trio.abc.Clock)
         return not room.startswith("admin:") or session.user == "root"
 
     hub = make_hub(authorize_join=authorize_join)
-    async with clients(hub, ["alice", "root"]) as (alice, root):
+    async with open_test_clients(hub, ["alice", "root"]) as (alice, root):
         with pytest.raises(ReplyError) as info:
             await alice.join("admin:ops")
         assert info.value.code == "forbidden"
@@ -493,7 +497,7 @@ async def test_on_publish_transforms_and_refuses(autojump_clock: trio.abc.Clock)
         return {"text": str(data).upper(), "by": session.user, "room": room}
 
     hub = make_hub(on_publish=on_publish)
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         await alice.join("lobby")
         await bob.join("lobby")
         assert await alice.publish("lobby", "hi") == 1
@@ -559,7 +563,7 @@ async def test_app_handler_crash_answers_internal_and_closes_1011(
         await trio.lowlevel.checkpoint()
         raise ZeroDivisionError("handler bug")
 
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         await alice.join("lobby")
         await bob.join("lobby")
         await alice.send({"type": "crash", "ref": "c1"})
@@ -673,7 +677,7 @@ async def test_not_joined_and_rate_limited_are_not_bad_frames(
 
 async def test_rate_limit_burst_then_refill(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         await alice.join("r")
         await bob.join("r")
         start = trio.current_time()
@@ -822,7 +826,7 @@ async def test_app_sheds_load_with_1013(autojump_clock: trio.abc.Clock) -> None:
             session.close_nowait(1013, "busy, try again later")
 
     hub = make_hub(on_connect=on_connect)
-    async with clients(hub, ["a", "b"]), open_test_client(hub, user="c") as c:
+    async with open_test_clients(hub, ["a", "b"]), open_test_client(hub, user="c") as c:
         frame = await c.expect_closed(1013)
         assert frame.reason == "busy, try again later"
 
@@ -835,7 +839,7 @@ async def test_hub_publish_from_the_server(autojump_clock: trio.abc.Clock) -> No
     # A room without members still has an order.
     assert hub.publish("news", {"n": 1}) == 1
     assert hub.room("news") is None  # no members
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         joined = await alice.join("news")
         assert joined["offset"] == 1
         await bob.join("news")
@@ -847,12 +851,19 @@ async def test_hub_publish_from_the_server(autojump_clock: trio.abc.Clock) -> No
             await client.assert_nothing_received()
         with pytest.raises(ValueError, match="invalid room"):
             hub.publish("not a room", 1)
-    assert hub.statistics().published == 3
+        # Data that cannot be encoded raises and leaves no gap in the order.
+        with pytest.raises(TypeError):
+            hub.publish("news", {"not json": object()})
+        with pytest.raises(ValueError):
+            hub.publish("news", float("nan"))
+        assert hub.publish("news", "next") == 4
+        await alice.expect("message", offset=4, data="next")
+    assert hub.statistics().published == 4
 
 
 async def test_broadcast_ephemeral_coalesces_by_key(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with clients(hub, ["alice", "bob", "carol"]) as (alice, bob, carol):
+    async with open_test_clients(hub, ["alice", "bob", "carol"]) as (alice, bob, carol):
         for client in (alice, bob, carol):
             await client.join("lobby")
         alice_session = hub.session(alice.connection_id)
@@ -891,7 +902,7 @@ async def test_send_to_user_reaches_every_tab_and_no_other_user(
 ) -> None:
     hub = make_hub()
     users = [f"user{i}" for i in range(50)]
-    async with clients(hub, [u for u in users for _ in range(3)]) as tabs:
+    async with open_test_clients(hub, [u for u in users for _ in range(3)]) as tabs:
         assert hub.statistics().connections == 150
         assert hub.statistics().users == 50
         for user in users:
@@ -908,7 +919,7 @@ async def test_send_to_user_reaches_every_tab_and_no_other_user(
 
 async def test_send_to_connection(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with clients(hub, ["alice", "alice", "bob"]) as (tab1, tab2, bob):
+    async with open_test_clients(hub, ["alice", "alice", "bob"]) as (tab1, tab2, bob):
         assert hub.send_to_connection(tab2.connection_id, {"type": "only", "to": "tab2"})
         await tab2.expect("only", to="tab2")
         for other in (tab1, tab2, bob):
@@ -927,7 +938,7 @@ async def test_disconnect_user_closes_every_tab_4002(autojump_clock: trio.abc.Cl
         closed.append((session.user, record.code))
 
     hub = make_hub(on_disconnect=on_disconnect)
-    async with clients(hub, ["alice", "alice", "alice", "bob"]) as (*tabs, bob):
+    async with open_test_clients(hub, ["alice", "alice", "alice", "bob"]) as (*tabs, bob):
         for client in (*tabs, bob):
             await client.join("lobby")
         assert hub.disconnect_user("alice", reason="kicked by admin") == 3
@@ -947,7 +958,7 @@ async def test_disconnect_user_closes_every_tab_4002(autojump_clock: trio.abc.Cl
 
 async def test_server_side_join_and_leave(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with clients(hub, ["alice", "bob"]) as (alice, bob):
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         assert hub.join(alice.connection_id, "news")
         assert hub.join(alice.connection_id, "news")  # idempotent
         room = hub.room("news")
@@ -973,7 +984,7 @@ async def test_server_side_join_and_leave(autojump_clock: trio.abc.Clock) -> Non
 async def test_statistics_snapshots(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
     assert hub.statistics() == hub.statistics().__class__(0, 0, 0, 0, 0, 0, 0, 0, 0)
-    async with clients(hub, ["alice", "alice", "bob"]) as (a1, a2, bob):
+    async with open_test_clients(hub, ["alice", "alice", "bob"]) as (a1, a2, bob):
         await a1.join("r1")
         await a2.join("r1")
         await bob.join("r1")
@@ -1031,7 +1042,7 @@ async def test_registry_empty_after_everyone_leaves(autojump_clock: trio.abc.Clo
     assert hub.rooms() == []
     assert hub.sessions_of("alice") == []
     # The reservations went too: a user at the limit and the hub at capacity admit again.
-    async with clients(hub, ["alice"] * limit + ["bob"] * limit + ["dave"]):
+    async with open_test_clients(hub, ["alice"] * limit + ["bob"] * limit + ["dave"]):
         assert hub.statistics().connections == 7
 
 
@@ -1042,7 +1053,7 @@ async def test_drain_shutdown_then_1012_spread_over_grace(autojump_clock: trio.a
     cfg = HubConfig(reconnect_min_ms=1_000, reconnect_max_ms=3_000)
     hub = make_hub(config=cfg, connection_config=Config(close_timeout=2.0))
     n, grace = 10, 8.0
-    async with clients(hub, [f"u{i}" for i in range(n)]) as members:
+    async with open_test_clients(hub, [f"u{i}" for i in range(n)]) as members:
         for member in members:
             await member.join("lobby")
         start = trio.current_time()
@@ -1191,7 +1202,7 @@ async def test_streaming_reply_reaches_only_the_asker_in_order(
 ) -> None:
     log: list[str] = []
     hub = streaming_hub(log)
-    async with clients(hub, ["alice", "alice", "bob"]) as (asker, other_tab, bob):
+    async with open_test_clients(hub, ["alice", "alice", "bob"]) as (asker, other_tab, bob):
         for client in (asker, other_tab, bob):
             await client.join("lobby")
         await asker.publish("lobby", "/ask why?")
