@@ -271,6 +271,11 @@ class Connection:
             self._messages_queued += 1
         return result
 
+    def outbox_room(self) -> tuple[int, int]:
+        """How much the outbox can take now: ``(bytes, messages)``."""
+        outbox = self._outbox
+        return outbox.max_bytes - outbox.nbytes, outbox.max_messages - len(outbox)
+
     def send_nowait(self, message: Mapping[str, Any] | OutboundMessage) -> None:
         """Queue one message (a JSON object, or an already-encoded message).
 
@@ -541,8 +546,12 @@ class Connection:
                     self._send_scope = stalled
                     try:
                         await transport.send(frame)
-                    except PeerGone:
-                        self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
+                    except PeerGone as exc:
+                        # The send can see the peer's close before the reader does.
+                        if exc.code is None:
+                            self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
+                        else:
+                            self._request_close(exc.code, exc.reason, CloseCause.PEER)
                         return
                     finally:
                         self._send_scope = None
