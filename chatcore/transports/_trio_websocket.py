@@ -784,10 +784,12 @@ async def serve_websocket(
         port = listeners[0].socket.getsockname()[1]
 
     Args:
-        handler: The application (authenticate, handle, connection_closed).
+        handler: The application (authenticate, handle, connection_closed);
+            its ``run`` is started before the first client is accepted.
         host: Interface to bind (``"0.0.0.0"`` for all IPv4 interfaces).
         port: TCP port; 0 picks a free one.
-        config: Bounds and timings (default :class:`~chatcore.Config` ``()``).
+        config: Bounds and timings (default: ``handler.connection_config``,
+            else :class:`~chatcore.Config` ``()``).
         handler_nursery: Nursery to run client tasks in (default: an internal one).
         task_status: Started with the list of :class:`trio.SocketListener`.
 
@@ -798,12 +800,15 @@ async def serve_websocket(
     1012 (shielded, bounded by :attr:`Config.close_timeout
     <chatcore.Config.close_timeout>`) before this returns.
     """
-    cfg = config or Config()
+    cfg = config or handler.connection_config or Config()
     listeners = await trio.open_tcp_listeners(port, host=host)
 
     async def serve_client(stream: trio.SocketStream) -> None:
         await _serve_client(stream, handler, cfg)
 
-    await trio.serve_listeners(
-        serve_client, listeners, handler_nursery=handler_nursery, task_status=task_status
-    )
+    async with trio.open_nursery() as nursery:
+        # The handler's background work (a hub's backplane and presence timer).
+        await nursery.start(handler.run)
+        await trio.serve_listeners(
+            serve_client, listeners, handler_nursery=handler_nursery, task_status=task_status
+        )
