@@ -5,6 +5,12 @@ heartbeat tasks, one owner decides its close, and every queue is bounded.
 See ``docs/lifecycle.md``.
 """
 
+from ._backplane import Backplane as Backplane
+from ._backplane import BackplaneError as BackplaneError
+from ._backplane import HistoryConfig as HistoryConfig
+from ._backplane import LocalBackplane as LocalBackplane
+from ._backplane import Position as Position
+from ._backplane import Sequenced as Sequenced
 from ._config import Config as Config
 from ._connection import Connection as Connection
 from ._connection import ConnectionHandler as ConnectionHandler
@@ -38,5 +44,6 @@ from .sansio import OutboundMessage as OutboundMessage
 from .sansio import PushResult as PushResult
 from .sansio import Reject as Reject
 from .sansio import encode as encode
+from .transports import serve_websocket as serve_websocket
 
 __version__ = "0.1.0.dev0"

@@ -106,8 +106,9 @@ class HistoryConfig:
         max_age: Seconds a message is kept (``None``: no age limit).
         max_bytes: Encoded bytes kept per room (``None``: no byte limit).
         rooms: Rooms whose order is kept in memory (in-process backplane only);
-            beyond it the least recently used are forgotten, and get a new
-            epoch if they come back.
+            beyond it the least recently used rooms without members are
+            forgotten, and get a new epoch if they come back. A room with
+            members is never forgotten.
     """
 
     max_messages: int = attrs.field(default=1_000, validator=_positive)
@@ -136,6 +137,9 @@ class BackplaneSink(Protocol):
 
     def _room_reset(self, room: str) -> None:
         """The room's order was lost (new epoch): re-read its position."""
+
+    def _broadcast_here(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
+        """A message outside the room's order for this node's members of ``room``."""
 
 
 class Backplane(abc.ABC):
@@ -176,6 +180,9 @@ class Backplane(abc.ABC):
     async def position(self, room: str) -> Position:
         """The room's current position.
 
+        After :meth:`watch` it must not return before the watch is effective,
+        so that every message after the returned offset reaches this node.
+
         Raises:
             BackplaneError: unreachable.
         """
@@ -197,6 +204,21 @@ class Backplane(abc.ABC):
 
     def unwatch(self, room: str) -> None:  # noqa: B027
         """This node has no members in ``room`` any more."""
+
+    @abc.abstractmethod
+    async def recent(self, room: str, limit: int) -> list[Sequenced]:
+        """The room's last ``limit`` stored messages, oldest first (for apps).
+
+        Raises:
+            BackplaneError: unreachable.
+        """
+
+    @abc.abstractmethod
+    async def broadcast(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
+        """Deliver a message outside the room's order (no offset) on every node.
+
+        ``exclude`` is a connection id that must not get it (the sender).
+        """
 
     @abc.abstractmethod
     async def send_to_user(self, user: str, message: OutboundMessage) -> None:
@@ -239,21 +261,46 @@ class LocalBackplane(Backplane):
         #: The history bounds in force.
         self.history = history or HistoryConfig()
         self._sink: BackplaneSink | None = None
-        # Room stores, least recently used first (bounded by history.rooms).
-        self._rooms: OrderedDict[str, _RoomStore] = OrderedDict()
+        # Room stores (bounded by history.rooms, except watched rooms).
+        self._rooms: dict[str, _RoomStore] = {}
+        # Rooms with members (watched): never forgotten, their members would
+        # see the order restart under a new epoch.
+        self._watched: set[str] = set()
+        # The other stored rooms, least recently used first: forgotten first.
+        self._idle: OrderedDict[str, None] = OrderedDict()
 
     def attach(self, sink: BackplaneSink) -> None:
         """See :meth:`Backplane.attach`."""
         self._sink = sink
 
+    def watch(self, room: str) -> None:
+        """See :meth:`Backplane.watch` (the room's order is kept while watched)."""
+        self._watched.add(room)
+        self._idle.pop(room, None)
+
+    def unwatch(self, room: str) -> None:
+        """See :meth:`Backplane.unwatch` (the room may be forgotten from now on)."""
+        self._watched.discard(room)
+        if room in self._rooms:
+            self._idle[room] = None
+            self._idle.move_to_end(room)
+            self._forget(self.history.rooms)
+
+    def _forget(self, limit: int) -> None:
+        """Forget least recently used unwatched rooms while more than ``limit`` are kept."""
+        while len(self._rooms) > limit and self._idle:
+            name, _ = self._idle.popitem(last=False)
+            del self._rooms[name]
+
     def _store(self, room: str) -> _RoomStore:
         store = self._rooms.get(room)
         if store is None:
+            self._forget(self.history.rooms - 1)
             store = self._rooms[room] = _RoomStore(self.history)
-            while len(self._rooms) > self.history.rooms:
-                self._rooms.popitem(last=False)
-        else:
-            self._rooms.move_to_end(room)
+            if room not in self._watched:
+                self._idle[room] = None
+        elif room in self._idle:
+            self._idle.move_to_end(room)
         return store
 
     async def publish(
@@ -291,6 +338,21 @@ class LocalBackplane(Backplane):
             for entry in recovery.messages
             if entry.offset <= upto
         ]
+
+    async def recent(self, room: str, limit: int) -> list[Sequenced]:
+        """See :meth:`Backplane.recent`."""
+        await trio.lowlevel.checkpoint()
+        store = self._rooms.get(room)
+        if store is None:
+            return []
+        entries = store.history.last(limit, trio.current_time())
+        return [Sequenced(room, store.epoch, e.offset, e.message) for e in entries]
+
+    async def broadcast(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
+        """See :meth:`Backplane.broadcast`."""
+        await trio.lowlevel.checkpoint()
+        if self._sink is not None:
+            self._sink._broadcast_here(room, message, exclude)
 
     async def send_to_user(self, user: str, message: OutboundMessage) -> None:
         """See :meth:`Backplane.send_to_user`."""

@@ -23,16 +23,20 @@ itself, so it arrives first.
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
+import math
 import random
 import secrets
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
 import trio
 
+from ._backplane import Backplane, BackplaneError, LocalBackplane, Position, Sequenced
 from ._config import Config
 from ._connection import Connection, ConnectionHandler
 from ._exceptions import ChatcoreError
@@ -44,6 +48,9 @@ from .sansio import (
     Delivery,
     HandshakeRequest,
     OutboundMessage,
+    PresenceDiff,
+    PresenceMeta,
+    PresenceTable,
     PushResult,
     Reject,
     encode,
@@ -59,9 +66,9 @@ from .sansio._protocol import (
     Pong,
     Publish,
     Ref,
+    Since,
     encode_error,
     encode_hello,
-    encode_message,
     encode_reply,
     encode_reply_error,
     encode_shutdown,
@@ -122,12 +129,13 @@ class HubConfig:
             request without ``Origin`` (not a browser) is judged by authenticate
             alone. ``None``: no Origin check.
         retry_after: Seconds announced in ``Retry-After`` on 503 refusals.
+        presence: Track who is in each room: ``presence_state`` on join and
+            ``presence_diff`` after (off by default: it costs traffic).
+        presence_grace: Seconds a user stays present after their last
+            connection in a room closed, so reconnects and deploys do not flap.
         reconnect_min_ms: Lower bound of the jittered ``reconnect_after_ms`` sent
             in ``shutdown`` during a drain.
         reconnect_max_ms: Upper bound of it (spreads the reconnect storm).
-        idle_rooms: Empty rooms whose offset and epoch are kept for when members
-            come back; beyond it the least recently used are forgotten (and get
-            a new epoch if they return).
     """
 
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
@@ -142,9 +150,10 @@ class HubConfig:
     bad_frame_window: float = attrs.field(default=60.0, validator=_positive)
     allowed_origins: frozenset[str] | None = attrs.field(default=None, converter=_origins)
     retry_after: int = attrs.field(default=5, validator=_positive)
+    presence: bool = False
+    presence_grace: float = attrs.field(default=5.0, validator=_positive)
     reconnect_min_ms: int = attrs.field(default=500, validator=_positive)
     reconnect_max_ms: int = attrs.field(default=5_000, validator=_positive)
-    idle_rooms: int = attrs.field(default=10_000, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.reconnect_min_ms > self.reconnect_max_ms:
@@ -232,27 +241,36 @@ class HubStatistics:
 
 
 class Room:
-    """A room: its members and its position in its message order.
+    """A room as this process sees it: its local members and its position.
 
-    Created by the hub on first join (or server-side publish); not by users.
+    Created by the hub when a local connection joins and dropped when the last
+    one leaves; the room's order itself lives in the backplane. Not created by
+    users.
     """
 
-    __slots__ = ("epoch", "members", "name", "offset")
+    __slots__ = ("_joining", "_pending", "_presence_serial", "epoch", "members", "name", "offset")
 
     def __init__(self, name: str) -> None:
         #: The room's name.
         self.name = name
-        #: Changes whenever the room's history is lost (a new Room object).
-        self.epoch = secrets.token_hex(4)
-        #: The last assigned offset; the first message gets 1.
+        #: The epoch of the room's order ("" until the position is known).
+        self.epoch = ""
+        #: The last offset delivered to this process's members.
         self.offset = 0
         #: Member connections, in join order.
         self.members: dict[Connection, Session] = {}
+        # Joins in progress (they keep the room open while they await).
+        self._joining = 0
+        # Messages that arrived ahead of a gap (or before the position was known).
+        self._pending: dict[int, Sequenced] = {}
+        # Part of the coalescing key of this room's presence diffs; changes
+        # when a presence_state is sent to a backlogged joiner (Hub._presence_join).
+        self._presence_serial = 0
 
-    def _assign(self) -> int:
-        """Give the next message its place in the room's order."""
-        self.offset += 1
-        return self.offset
+    @property
+    def ready(self) -> bool:
+        """True once the room's position is known here."""
+        return bool(self.epoch)
 
     def __repr__(self) -> str:
         return f"<Room {self.name!r} members={len(self.members)} offset={self.offset}>"
@@ -360,8 +378,14 @@ class Hub(ConnectionHandler):
         authorize_join: ``async (session, room) -> bool``: False answers ``forbidden``.
         on_publish: ``async (session, room, data) -> data``: validate or transform
             a publish; raise :class:`ErrorReply` to refuse it.
+        presence_meta: ``(session) -> dict``: what others see about this
+            connection in ``presence_state``/``presence_diff`` besides its
+            ``connection_id`` (e.g. ``{"device": "phone"}``).
         config: The hub's limits.
         connection_config: Bounds of every connection (outbox, heartbeat, ...).
+        backplane: Where rooms' order and history live and how hubs reach each
+            other (default: :class:`~chatcore.LocalBackplane`, in process).
+            Backplanes with background work (Redis) need :meth:`run`.
     """
 
     def __init__(
@@ -372,13 +396,18 @@ class Hub(ConnectionHandler):
         on_disconnect: Callable[[Session, CloseRecord], None] | None = None,
         authorize_join: Callable[[Session, str], Awaitable[bool]] | None = None,
         on_publish: Callable[[Session, str, Any], Awaitable[Any]] | None = None,
+        presence_meta: Callable[[Session], Mapping[str, Any]] | None = None,
         config: HubConfig | None = None,
         connection_config: Config | None = None,
+        backplane: Backplane | None = None,
     ) -> None:
         #: The hub's limits.
         self.config = config or HubConfig()
         #: Bounds of every connection served for this hub.
         self.connection_config: Config = connection_config or Config()
+        #: The backplane: rooms' order and history, and the other hubs.
+        self.backplane: Backplane = backplane or LocalBackplane()
+        self.backplane.attach(self)
         self._authenticate = authenticate
         self._on_connect = on_connect
         self._on_disconnect = on_disconnect
@@ -390,10 +419,23 @@ class Hub(ConnectionHandler):
         self._sessions: dict[str, Session] = {}
         # user -> that user's sessions (every tab and device).
         self._users: dict[str, dict[Session, None]] = {}
-        # Rooms with members; rooms without members wait in _idle (LRU) so their
-        # offsets survive a brief emptiness.
+        # Rooms with local members (or joins in progress).
         self._rooms: dict[str, Room] = {}
-        self._idle: OrderedDict[str, Room] = OrderedDict()
+        # Local publishes waiting for their message: nonce -> (publisher, ref).
+        # The reply goes out right before the message, whichever comes first.
+        self._awaiting: dict[str, tuple[Session, Ref | None]] = {}
+        self._nonces = itertools.count(1)
+        # Rooms with a gap in delivery (or a reset epoch) for run() to repair.
+        self._repairs: set[str] = set()
+        self._repair_wakeup = trio.lowlevel.ParkingLot()
+        # User-level presence of every room this node hears about.
+        self._presence = PresenceTable(self.backplane.node_id, self.config.presence_grace)
+        self._presence_meta = presence_meta
+        # Presence serials, unique per process (a reopened room never reuses one).
+        self._presence_serials = itertools.count(1)
+        # Presence changes of local connections, for run() to tell other nodes.
+        self._announcements: deque[dict[str, Any]] = deque(maxlen=100_000)
+        self._presence_wakeup = trio.lowlevel.ParkingLot()
         # Handshake reservations (accepted, not yet closed): for the limits.
         self._reserved_total = 0
         self._reserved_users: dict[str, int] = {}
@@ -512,31 +554,49 @@ class Hub(ConnectionHandler):
         return list(self._users.get(user, ()))
 
     def room(self, name: str) -> Room | None:
-        """The room called ``name`` if it has members, else ``None``."""
-        return self._rooms.get(name)
+        """The room called ``name`` if it has local members, else ``None``."""
+        room = self._rooms.get(name)
+        return room if room is not None and room.members else None
 
     def rooms(self) -> list[str]:
-        """Names of the rooms with at least one member."""
-        return list(self._rooms)
+        """Names of the rooms with at least one local member."""
+        return [name for name, room in self._rooms.items() if room.members]
 
-    def publish(self, room: str, data: Any, *, sender: str | None = None) -> int:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the hub's background work until cancelled.
+
+        Starts the backplane's tasks (the Redis backplane's subscriptions),
+        the repair of delivery gaps, and presence: the grace-window timer that
+        publishes leaves, and telling other nodes about local presence.
+        Servers start it (``ASGIApp``'s lifespan, ``serve_websocket``); with
+        the in-memory test client, start it yourself when a test needs
+        presence leaves: ``await nursery.start(hub.run)``.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.backplane.run)
+            nursery.start_soon(self._repair_loop)
+            nursery.start_soon(self._presence_loop)
+            if self.config.presence:  # ask the other nodes for their connections
+                self._announce({"op": "sync"})
+            task_status.started()
+
+    async def publish(self, room: str, data: Any, *, sender: str | None = None) -> int:
         """Publish ``data`` to ``room`` from the server side; returns its offset.
 
-        Members receive ``{"type":"message", ..., "from": sender}``.
+        Members everywhere receive ``{"type":"message", ..., "from": sender}``.
 
         Raises:
-            ValueError: ``room`` is not a valid room name.
+            ValueError: ``room`` is not a valid room name, or ``data`` is not
+                JSON-serialisable (nothing was published).
+            BackplaneError: the backplane is unavailable (nothing was published).
         """
         if not valid_room(room):
             raise ValueError(f"invalid room name {room!r}")
-        target = self._room_for_publish(room)
-        encoded = encode_message(room, target.offset + 1, target.epoch, sender, data)
-        offset = target._assign()  # only once encoding succeeded: no gaps
+        position = await self.backplane.publish(room, sender, data, None)
         self._published += 1
-        self._fan_out(target.members, encoded)
-        return offset
+        return position.offset
 
-    def broadcast(
+    async def broadcast(
         self,
         room: str,
         message: Mapping[str, Any],
@@ -544,39 +604,34 @@ class Hub(ConnectionHandler):
         delivery: Delivery = Delivery.EPHEMERAL,
         key: str | None = None,
         exclude: Session | None = None,
-    ) -> int:
+    ) -> None:
         """Send a message outside the room's order (no offset) to its members.
 
         For ephemeral signals such as typing indicators: with the default
         ephemeral delivery a full outbox drops it, and with a ``key`` a queued
-        one with the same key is replaced (latest wins).
+        one with the same key is replaced (latest wins). Reaches members on
+        every node.
 
-        Returns:
-            How many members it was queued for.
+        Raises:
+            BackplaneError: the backplane is unavailable.
         """
-        target = self._rooms.get(room)
-        if target is None:
-            return 0
         encoded = encode(message, delivery=delivery, key=key)
-        members: Iterable[Connection] = target.members
-        if exclude is not None:
-            members = [c for c in target.members if c is not exclude.connection]
-        return self._fan_out(members, encoded)
+        await self.backplane.broadcast(room, encoded, exclude.id if exclude else None)
 
-    def send_to_user(
+    async def send_to_user(
         self,
         user: str,
         message: Mapping[str, Any],
         *,
         delivery: Delivery = Delivery.DURABLE,
         key: str | None = None,
-    ) -> int:
-        """Send a message to every connection of ``user``; returns how many took it."""
-        sessions = self._users.get(user)
-        if not sessions:
-            return 0
-        encoded = encode(message, delivery=delivery, key=key)
-        return self._fan_out([s.connection for s in sessions], encoded)
+    ) -> None:
+        """Send a message to every connection of ``user``, on every node.
+
+        Raises:
+            BackplaneError: the backplane is unavailable.
+        """
+        await self.backplane.send_to_user(user, encode(message, delivery=delivery, key=key))
 
     def send_to_connection(
         self,
@@ -585,34 +640,48 @@ class Hub(ConnectionHandler):
         *,
         delivery: Delivery = Delivery.DURABLE,
     ) -> bool:
-        """Send a message to one connection; False if it is not open here."""
+        """Send a message to one connection of this process; False if it is not open here."""
         session = self._sessions.get(connection_id)
         if session is None:
             return False
         return self._fan_out((session.connection,), encode(message, delivery=delivery)) == 1
 
-    def disconnect_user(self, user: str, code: int = 4002, reason: str = "") -> int:
-        """Close every connection of ``user`` (default 4002, kicked); returns how many."""
-        sessions = list(self._users.get(user, ()))
-        for session in sessions:
-            session.connection.close_nowait(code, reason)
-        return len(sessions)
+    async def disconnect_user(self, user: str, code: int = 4002, reason: str = "") -> None:
+        """Close every connection of ``user`` on every node (default 4002, kicked).
 
-    def join(self, connection_id: str, room: str) -> bool:
-        """Make a connection a member of ``room`` from the server side.
+        Raises:
+            BackplaneError: the backplane is unavailable.
+        """
+        await self.backplane.disconnect_user(user, code, reason)
+
+    async def join(self, connection_id: str, room: str) -> bool:
+        """Make a connection of this process a member of ``room``.
 
         Returns:
             False if the connection is not open here.
 
         Raises:
             ValueError: ``room`` is not a valid room name.
+            BackplaneError: the room's position could not be read.
         """
         if not valid_room(room):
             raise ValueError(f"invalid room name {room!r}")
         session = self._sessions.get(connection_id)
         if session is None:
             return False
-        self._add_member(session, room)
+        if room not in session._rooms:
+            target = self._open_room(room)
+            target._joining += 1
+            try:
+                await self._ready(target)
+                if self._sessions.get(connection_id) is not session:
+                    return False
+                # A member before the join is released: the room stays open.
+                self._add_member(session, target)
+            finally:
+                target._joining -= 1
+                self._close_room_if_unused(target)
+            self._presence_join(session, target, _outbox_busy(session.connection))
         return True
 
     def leave(self, connection_id: str, room: str) -> bool:
@@ -623,12 +692,35 @@ class Hub(ConnectionHandler):
         self._remove_member(session, room)
         return True
 
+    def presence(self, room: str) -> dict[str, list[dict[str, Any]]]:
+        """Who is present in ``room`` on every node: user -> their connections' metas."""
+        return {
+            user: [_meta_json(meta) for meta in metas]
+            for user, metas in self._presence.state(room).items()
+        }
+
+    def online_users(self) -> set[str]:
+        """Users with a connection on this node or present in a room on any node."""
+        users = set(self._users)
+        for _, user, _ in self._presence.connections():
+            users.add(user)
+        return users
+
+    async def history(self, room: str, limit: int = 50) -> list[dict[str, Any]]:
+        """The room's last ``limit`` messages (decoded ``message`` objects), oldest first.
+
+        Raises:
+            BackplaneError: the backplane is unavailable.
+        """
+        items = await self.backplane.recent(room, limit)
+        return [json.loads(item.message.text) for item in items]
+
     def statistics(self) -> HubStatistics:
         """A snapshot of the hub's counters."""
         return HubStatistics(
             connections=len(self._sessions),
             users=len(self._users),
-            rooms=len(self._rooms),
+            rooms=sum(1 for room in self._rooms.values() if room.members),
             published=self._published,
             delivered=self._delivered,
             dropped=self._dropped,
@@ -639,41 +731,45 @@ class Hub(ConnectionHandler):
 
     # -- registry ------------------------------------------------------------------
 
-    def _room_for_publish(self, name: str) -> Room:
+    def _open_room(self, name: str) -> Room:
         room = self._rooms.get(name)
         if room is None:
-            room = self._idle.get(name)
-            if room is None:
-                room = Room(name)
-                self._park_idle(room)
-            else:
-                self._idle.move_to_end(name)
+            room = self._rooms[name] = Room(name)
+            self.backplane.watch(name)
         return room
 
-    def _park_idle(self, room: Room) -> None:
-        self._idle[room.name] = room
-        self._idle.move_to_end(room.name)
-        while len(self._idle) > self.config.idle_rooms:
-            self._idle.popitem(last=False)
+    def _close_room_if_unused(self, room: Room) -> None:
+        if not room.members and not room._joining and self._rooms.get(room.name) is room:
+            del self._rooms[room.name]
+            self.backplane.unwatch(room.name)
 
-    def _add_member(self, session: Session, name: str) -> Room:
-        room = session._rooms.get(name)
-        if room is not None:
-            return room
-        room = self._rooms.get(name)
-        if room is None:
-            room = self._idle.pop(name, None) or Room(name)
-            self._rooms[name] = room
+    async def _ready(self, room: Room) -> None:
+        """Learn the room's position (once per room opened here)."""
+        while not room.ready:
+            position = await self.backplane.position(room.name)
+            if not room.ready:
+                self._set_position(room, position)
+
+    def _set_position(self, room: Room, position: Position) -> None:
+        room.epoch = position.epoch
+        room.offset = position.offset
+        early = sorted(room._pending.items())
+        room._pending.clear()
+        for _, item in early:
+            self._deliver(item)
+
+    def _add_member(self, session: Session, room: Room) -> None:
         room.members[session.connection] = session
-        session._rooms[name] = room
-        return room
+        session._rooms[room.name] = room
 
     def _remove_member(self, session: Session, name: str) -> None:
         room = session._rooms.pop(name)
         del room.members[session.connection]
-        if not room.members:
-            del self._rooms[name]
-            self._park_idle(room)
+        self._close_room_if_unused(room)
+        if self.config.presence:
+            if self._presence.leave(name, session.id, trio.current_time()) is not None:
+                self._presence_wakeup.unpark_all()
+            self._announce({"op": "leave", "room": name, "connection_id": session.id})
 
     def _register(self, session: Session) -> None:
         self._sessions[session.connection.id] = session
@@ -705,6 +801,203 @@ class Hub(ConnectionHandler):
                 self._slow += 1
         self._delivered += queued
         return queued
+
+    # -- BackplaneSink: what the backplane delivers ---------------------------------
+
+    def _deliver(self, item: Sequenced) -> None:
+        """Deliver a room message in offset order: drop duplicates, hold gaps."""
+        room = self._rooms.get(item.room)
+        if room is None:
+            self._answer_publisher(item)
+            return
+        if not room.ready:
+            room._pending[item.offset] = item
+            return
+        if item.epoch != room.epoch:
+            # The room's order was lost and began anew elsewhere.
+            logger.warning("room %s: epoch changed %s -> %s", room.name, room.epoch, item.epoch)
+            room.epoch = item.epoch
+            room.offset = item.offset - 1
+            room._pending.clear()
+        if item.offset <= room.offset:
+            self._answer_publisher(item)
+            return
+        if item.offset > room.offset + 1:
+            room._pending[item.offset] = item
+            self._repairs.add(room.name)
+            self._repair_wakeup.unpark_all()
+            return
+        self._emit(room, item)
+        pending = room._pending
+        while room.offset + 1 in pending:
+            self._emit(room, pending.pop(room.offset + 1))
+
+    def _emit(self, room: Room, item: Sequenced) -> None:
+        self._answer_publisher(item)
+        room.offset = item.offset
+        self._fan_out(room.members, item.message)
+
+    def _answer_publisher(self, item: Sequenced) -> None:
+        if item.nonce is not None:
+            waiting = self._awaiting.pop(item.nonce, None)
+            if waiting is not None:
+                session, ref = waiting
+                session._reply(ref, {"offset": item.offset})
+
+    def _deliver_to_user(self, user: str, message: OutboundMessage) -> None:
+        sessions = self._users.get(user)
+        if sessions:
+            self._fan_out([s.connection for s in sessions], message)
+
+    def _disconnect_user_here(self, user: str, code: int, reason: str) -> None:
+        for session in list(self._users.get(user, ())):
+            session.connection.close_nowait(code, reason)
+
+    def _broadcast_here(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
+        target = self._rooms.get(room)
+        if target is None:
+            return
+        members: Iterable[Connection] = target.members
+        if exclude is not None:
+            members = [c for c in target.members if c.id != exclude]
+        self._fan_out(members, message)
+
+    def _presence_event(self, node: str, event: dict[str, Any]) -> None:
+        """Apply another node's presence change (malformed events are logged and ignored)."""
+        try:
+            op = event["op"]
+            if op == "sync":
+                self._announce_all()
+            elif op == "join":
+                meta = PresenceMeta(
+                    str(event["connection_id"]),
+                    node,
+                    float(event["joined_at"]),
+                    event.get("data") or None,
+                )
+                diff = self._presence.apply_remote_join(
+                    str(event["room"]), str(event["user"]), meta
+                )
+                if diff is not None:
+                    self._emit_presence(diff)
+            elif op == "leave":
+                deadline = self._presence.apply_remote_leave(
+                    str(event["room"]), node, str(event["connection_id"]), trio.current_time()
+                )
+                if deadline is not None:
+                    self._presence_wakeup.unpark_all()
+        except (KeyError, TypeError, ValueError, ChatcoreError) as exc:
+            logger.warning("ignoring a presence event from node %s: %r (%s)", node, event, exc)
+
+    def _node_down(self, node: str) -> None:
+        if node != self._presence.node and self._presence.drop_node(node, trio.current_time()):
+            self._presence_wakeup.unpark_all()
+
+    def _emit_presence(self, diff: PresenceDiff, exclude: Connection | None = None) -> None:
+        """Tell local members, one ephemeral message per user, coalesced per user.
+
+        The latest change of a user supersedes an earlier one still queued, so
+        coalescing under pressure keeps every member's view correct. Never
+        across a ``presence_state``: the key changes when one goes to a joiner
+        that may still have this room's diffs queued (it left and rejoined while
+        behind), so a change cannot take the place of a diff queued before the
+        joiner's snapshot, which would put the change ahead of the snapshot.
+        """
+        room = self._rooms.get(diff.room)
+        if room is None or not room.members:
+            return
+        members: Iterable[Connection] = room.members
+        if exclude is not None:
+            members = [c for c in room.members if c is not exclude]
+        for field, users in (("joins", diff.joins), ("leaves", diff.leaves)):
+            for user, metas in users.items():
+                change: dict[str, Any] = {"joins": {}, "leaves": {}}
+                change[field] = {user: [_meta_json(meta) for meta in metas]}
+                message = encode(
+                    {"type": "presence_diff", "room": diff.room, **change},
+                    delivery=Delivery.EPHEMERAL,
+                    key=f"presence:{diff.room}:{room._presence_serial}:{user}",
+                )
+                self._fan_out(members, message)
+
+    def _announce(self, event: dict[str, Any]) -> None:
+        self._announcements.append(event)
+        self._presence_wakeup.unpark_all()
+
+    def _announce_all(self) -> None:
+        for room, user, meta in self._presence.connections(self._presence.node):
+            self._announce(
+                {
+                    "op": "join",
+                    "room": room,
+                    "user": user,
+                    "connection_id": meta.connection_id,
+                    "joined_at": meta.joined_at,
+                    "data": dict(meta.data),
+                }
+            )
+
+    async def _presence_loop(self) -> None:
+        """Publish leaves whose grace passed; tell other nodes about local changes."""
+        while True:
+            while self._announcements:
+                event = self._announcements[0]
+                try:
+                    await self.backplane.publish_presence(event)
+                except BackplaneError:
+                    await trio.sleep(1.0)  # kept queued; retried when it is back
+                    continue
+                if self._announcements and self._announcements[0] is event:
+                    self._announcements.popleft()
+            for diff in self._presence.expire(trio.current_time()):
+                self._emit_presence(diff)
+            deadline = self._presence.next_deadline()
+            with trio.move_on_at(deadline if deadline is not None else math.inf):
+                await self._presence_wakeup.park()
+
+    def _room_reset(self, room: str) -> None:
+        if room in self._rooms:
+            self._repairs.add(room)
+            self._repair_wakeup.unpark_all()
+
+    async def _repair_loop(self) -> None:
+        """Fill delivery gaps from the backplane's history (run() only)."""
+        while True:
+            while not self._repairs:
+                await self._repair_wakeup.park()
+            name = self._repairs.pop()
+            room = self._rooms.get(name)
+            if room is None or not room.ready:
+                continue
+            try:
+                await self._repair(room)
+            except BackplaneError:
+                logger.warning("room %s: cannot fill a gap yet (backplane unavailable)", name)
+                self._repairs.add(name)
+                await trio.sleep(1.0)
+
+    async def _repair(self, room: Room) -> None:
+        position = await self.backplane.position(room.name)
+        if position.epoch != room.epoch:
+            self._lost_order(room, position)
+            return
+        if not room._pending and position.offset <= room.offset:
+            return
+        items = await self.backplane.replay(room.name, room.epoch, room.offset, position.offset)
+        if items is None:
+            self._lost_order(room, position)
+            return
+        for item in items:
+            self._deliver(item)
+
+    def _lost_order(self, room: Room, position: Position) -> None:
+        """Members missed messages that can no longer be replayed: they must recover."""
+        logger.warning("room %s: messages lost to members here; closing them with 4001", room.name)
+        for connection in list(room.members):
+            connection.close_nowait(4001, "missed messages; rejoin with since")
+        room.epoch = position.epoch
+        room.offset = position.offset
+        room._pending.clear()
 
     # -- ConnectionHandler -----------------------------------------------------------
 
@@ -839,6 +1132,7 @@ class Hub(ConnectionHandler):
 
     async def _join(self, session: Session, message: Join) -> None:
         name = message.room
+        data: dict[str, Any]
         if name not in session._rooms:
             if len(session._rooms) >= self.config.max_rooms_per_connection:
                 session._error(message.ref, ErrorCode.TOO_MANY_ROOMS, "too many rooms")
@@ -854,14 +1148,102 @@ class Hub(ConnectionHandler):
                         message.ref, ErrorCode.FORBIDDEN, "not allowed to join this room"
                     )
                     return
-        room = self._add_member(session, name)
-        data: dict[str, Any] = {"room": name, "epoch": room.epoch, "offset": room.offset}
-        if message.since is not None:
-            # Without history (yet), recovery succeeds only when nothing was missed.
-            data["recovered"] = (
-                message.since.epoch == room.epoch and message.since.offset == room.offset
-            )
+        else:
+            room = session._rooms[name]
+            data = {"room": name, "epoch": room.epoch, "offset": room.offset}
+            if message.since is not None:
+                data["recovered"] = (
+                    message.since.epoch == room.epoch and message.since.offset == room.offset
+                )
+            session._reply(message.ref, data)
+            return
+        room = self._open_room(name)
+        room._joining += 1
+        try:
+            await self._ready(room)
+            replay, recovered = await self._recover(session, room, message.since)
+        except BackplaneError as exc:
+            session._error(message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later")
+            return
+        else:
+            # From here on, synchronously: become a member, answer, replay. No live
+            # message can fall between the replayed ones and the next live one.
+            # A member before the join is released: the room never closes (and
+            # is never unwatched) in between.
+            self._add_member(session, room)
+        finally:
+            room._joining -= 1
+            self._close_room_if_unused(room)
+        backlog = _outbox_busy(session.connection)  # before the reply is queued
+        data = {"room": name, "epoch": room.epoch, "offset": room.offset}
+        if recovered is not None:
+            data["recovered"] = recovered
         session._reply(message.ref, data)
+        for item in replay:
+            session.connection.offer(item.message)
+        self._presence_join(session, room, backlog)
+
+    def _presence_join(self, session: Session, room: Room, backlog: bool) -> None:
+        """Record the join, send the joiner the room's presence, tell the others.
+
+        ``backlog``: the joiner's outbox held something before this join was
+        answered, so it may still hold a diff of this room from an earlier
+        membership (nothing else can be there).
+        """
+        if not self.config.presence:
+            return
+        meta = self._presence_meta(session) if self._presence_meta is not None else None
+        now = trio.current_time()
+        diff = self._presence.join(room.name, session.user, session.id, meta, now)
+        # Not keyed: a later snapshot must not take the place of one queued
+        # before this connection's leave of the room.
+        session.connection.offer(
+            encode(
+                {"type": "presence_state", "room": room.name, "users": self.presence(room.name)},
+                delivery=Delivery.EPHEMERAL,
+            )
+        )
+        if backlog:
+            # Later diffs must not take the place of one queued before this
+            # snapshot: that would put them ahead of it (see _emit_presence).
+            room._presence_serial = next(self._presence_serials)
+        if diff is not None:
+            self._emit_presence(diff, exclude=session.connection)
+        self._announce(
+            {
+                "op": "join",
+                "room": room.name,
+                "user": session.user,
+                "connection_id": session.id,
+                "joined_at": now,
+                "data": dict(meta or {}),
+            }
+        )
+
+    async def _recover(
+        self, session: Session, room: Room, since: Since | None
+    ) -> tuple[list[Sequenced], bool | None]:
+        """Everything after ``since`` up to the room's position here, or nothing."""
+        if since is None:
+            return [], None
+        replay: list[Sequenced] = []
+        after = since.offset
+        while True:
+            if since.epoch != room.epoch or after > room.offset:
+                return [], False
+            upto = room.offset
+            if after == upto:
+                break
+            items = await self.backplane.replay(room.name, room.epoch, after, upto)
+            if items is None or since.epoch != room.epoch:
+                return [], False
+            replay.extend(items)
+            after = upto
+        nbytes = sum(item.message.nbytes for item in replay)
+        free_bytes, free_messages = session.connection.outbox_room()
+        if nbytes + 256 > free_bytes or len(replay) + 1 > free_messages:
+            return [], False  # would overflow: never partial
+        return replay, True
 
     async def _publish(self, session: Session, message: Publish) -> None:
         # Every publish frame spends a token, joined or not, so a client cannot
@@ -889,13 +1271,20 @@ class Hub(ConnectionHandler):
             if session._rooms.get(message.room) is not room:  # left while the hook ran
                 session._error(message.ref, ErrorCode.NOT_JOINED, "left the room")
                 return
-        # Encode before taking the offset: data that cannot be encoded (an app
-        # hook's bug, closing with 1011) must not leave a gap in the order.
-        encoded = encode_message(room.name, room.offset + 1, room.epoch, session.user, data)
-        offset = room._assign()
+        nonce = f"{self.backplane.node_id}:{next(self._nonces)}"
+        self._awaiting[nonce] = (session, message.ref)
+        try:
+            position = await self.backplane.publish(room.name, session.user, data, nonce)
+        except BackplaneError as exc:
+            session._error(message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later")
+            return
+        finally:
+            waiting = self._awaiting.pop(nonce, None)
         self._published += 1
-        session._reply(message.ref, {"offset": offset})
-        self._fan_out(room.members, encoded)
+        if waiting is not None:
+            # Sequenced, but not delivered here yet (a gap is being filled): the
+            # publisher learns its offset now; the message follows.
+            session._reply(message.ref, {"offset": position.offset})
 
     async def _app_message(self, session: Session, message: AppMessage) -> None:
         handler = self._handlers.get(message.type)
@@ -929,3 +1318,13 @@ def _decrement(counts: dict[str, int], key: str) -> None:
         counts[key] = left
     else:
         counts.pop(key, None)
+
+
+def _outbox_busy(connection: Connection) -> bool:
+    """True if anything is queued in the connection's outbox."""
+    return connection.outbox_room()[1] < connection.config.outbox_max_messages
+
+
+def _meta_json(meta: PresenceMeta) -> dict[str, Any]:
+    """What clients see of a presence meta: the connection id and the app's data."""
+    return {**meta.data, "connection_id": meta.connection_id}

@@ -51,7 +51,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 from unittest.mock import ANY
 
@@ -60,17 +61,21 @@ import trio
 import trio.testing
 
 from chatcore import (
+    BackplaneError,
     CloseCause,
     Config,
+    Connection,
     ConnectionClosed,
     ConnectionState,
     Delivery,
     ErrorReply,
     HandshakeRejected,
     HandshakeRequest,
+    HistoryConfig,
     Hub,
     HubConfig,
     Identity,
+    LocalBackplane,
     PeerGone,
     Reject,
     RoomStatistics,
@@ -79,7 +84,7 @@ from chatcore import (
 )
 from chatcore.sansio import AppMessage
 from chatcore.testing import ReplyError, TestClient, open_test_client, open_test_clients
-from chatcore.transports import CloseFrame, TextFrame, memory_stream_pair
+from chatcore.transports import CloseFrame, MemoryClient, TextFrame, memory_stream_pair
 
 # -- helpers -------------------------------------------------------------------
 
@@ -104,6 +109,36 @@ async def refused(hub: Hub, **options: Any) -> HandshakeRejected:
         async with open_test_client(hub, **options):
             pass  # pragma: no cover  (the handshake must be refused)
     return info.value
+
+
+@asynccontextmanager
+async def open_stalled_client(
+    hub: Hub, user: str
+) -> AsyncIterator[tuple[Connection, MemoryClient]]:
+    """A raw client whose "socket" holds one frame and that reads nothing by itself.
+
+    Its ``hello`` fills the socket, so the connection's writer blocks on the
+    next frame and whatever follows stays in the outbox until the test reads
+    the wire (:func:`read_until_quiet`).
+    """
+    stream, wire = memory_stream_pair(HandshakeRequest("/ws", f"user={user}"), capacity=1)
+    async with trio.open_nursery() as nursery:
+        connection: Connection = await nursery.start(serve_connection, stream, hub)
+        await wire.wait_accepted()
+        yield connection, wire
+        nursery.cancel_scope.cancel()
+
+
+async def read_until_quiet(wire: MemoryClient) -> list[dict[str, Any]]:
+    """Read a raw wire until nothing more arrives for a (virtual) second; decoded."""
+    messages: list[dict[str, Any]] = []
+    while True:
+        with trio.move_on_after(1):
+            frame = await wire.receive_frame()
+            assert isinstance(frame, TextFrame), frame
+            messages.extend(json.loads(line) for line in frame.text.split("\n"))
+            continue
+        return messages
 
 
 async def drain_messages(client: TestClient) -> list[dict[str, Any]]:
@@ -738,27 +773,35 @@ async def test_rate_limit_answers_spread_over_the_window_do_not_close(
         await alice.ping()
 
 
-async def test_join_since_recovers_only_at_the_current_position(
+async def test_join_since_recovers_from_history(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    hub = make_hub(config=HubConfig(idle_rooms=1))
+    hub = make_hub(backplane=LocalBackplane(HistoryConfig(rooms=1)))
     async with open_test_client(hub, user="alice") as alice:
         joined = await alice.join("r")
         epoch = joined["epoch"]
         await alice.publish("r", "a")
         await alice.publish("r", "b")
+        await alice.expect("message", offset=1)
+        await alice.expect("message", offset=2)
         await alice.leave("r")
+        # Nothing missed: recovered, nothing replayed.
         assert (await alice.join("r", since={"epoch": epoch, "offset": 2}))["recovered"] is True
+        await alice.assert_nothing_received()
         await alice.leave("r")
-        assert (await alice.join("r", since={"epoch": epoch, "offset": 1}))["recovered"] is False
+        # Two missed: replayed after the reply, in order.
+        data = await alice.join("r", since={"epoch": epoch, "offset": 0})
+        assert data == {"room": "r", "epoch": epoch, "offset": 2, "recovered": True}
+        await alice.expect("message", offset=1, data="a")
+        await alice.expect("message", offset=2, data="b")
         await alice.leave("r")
+        # Another epoch, or a position from the future: not recovered, nothing sent.
         assert (await alice.join("r", since={"epoch": "other", "offset": 2}))["recovered"] is False
         await alice.leave("r")
-        # Kept while idle (idle_rooms=1): same epoch and offset after everyone left.
-        data = await alice.join("r", since={"epoch": epoch, "offset": 2})
-        assert data == {"room": "r", "epoch": epoch, "offset": 2, "recovered": True}
+        assert (await alice.join("r", since={"epoch": epoch, "offset": 3}))["recovered"] is False
+        await alice.assert_nothing_received()
         await alice.leave("r")
-        await alice.join("s")  # another room becomes idle: r is forgotten
+        await alice.join("s")  # the backplane keeps one room: r's order is forgotten
         await alice.leave("s")
         data = await alice.join("r", since={"epoch": epoch, "offset": 2})
         assert data["recovered"] is False
@@ -769,6 +812,254 @@ async def test_join_since_recovers_only_at_the_current_position(
         # A malformed since is a bad frame.
         reply = await alice.request("join", room="u", since={"epoch": epoch})
         assert reply["error"]["code"] == "bad_message"
+
+
+async def test_a_room_with_members_keeps_its_order_while_others_come_and_go(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The backplane forgets only rooms without members (HistoryConfig.rooms=1 here)."""
+    hub = make_hub(backplane=LocalBackplane(HistoryConfig(rooms=1)))
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
+        epoch = (await alice.join("r"))["epoch"]
+        assert await alice.publish("r", "one") == 1
+        # Other rooms opened here (by a client, by the server) and published to.
+        # Each in the epoch its join announced.
+        s_epoch = (await bob.join("s"))["epoch"]
+        assert await bob.publish("s", "x") == 1
+        await bob.expect("message", room="s", epoch=s_epoch, offset=1)
+        await bob.leave("s")
+        assert await hub.join(bob.connection_id, "t")
+        t_room = hub.room("t")
+        assert t_room is not None
+        t_epoch = t_room.epoch
+        assert await hub.publish("t", "y") == 1
+        await bob.expect("message", room="t", epoch=t_epoch, offset=1)
+        assert hub.leave(bob.connection_id, "t")
+        assert await hub.publish("u", "z") == 1
+        # r's order went on: same epoch, next offset; its members saw no restart.
+        assert await alice.publish("r", "two") == 2
+        await alice.expect("message", room="r", epoch=epoch, offset=1, data="one")
+        await alice.expect("message", room="r", epoch=epoch, offset=2, data="two")
+        data = await bob.join("r", since={"epoch": epoch, "offset": 0})
+        assert data == {"room": "r", "epoch": epoch, "offset": 2, "recovered": True}
+        await bob.expect("message", offset=1)
+        await bob.expect("message", offset=2)
+        # The rooms without members were forgotten (bounded): s comes back anew.
+        assert (await bob.join("s"))["offset"] == 0
+
+
+class GatedReplay(LocalBackplane):
+    """A local backplane whose :meth:`replay` waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replaying = trio.Event()
+        self.gate = trio.Event()
+        self.replays: list[tuple[int, int]] = []
+
+    async def replay(self, room: str, epoch: str, after: int, upto: int) -> Any:
+        self.replays.append((after, upto))
+        self.replaying.set()
+        await self.gate.wait()
+        return await super().replay(room, epoch, after, upto)
+
+
+@pytest.mark.parametrize("publisher", ["member", "server"])
+async def test_messages_published_during_a_recovery_follow_the_replay(
+    publisher: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """No gap, no duplicate: the replay, then what was published meanwhile, then live.
+
+    ``member``: another member here keeps the room open and publishes; ``server``:
+    nobody else is in the room here, the joining room alone hears the messages.
+    """
+    backplane = GatedReplay()
+    hub = make_hub(backplane=backplane)
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
+        epoch = (await alice.join("r"))["epoch"]
+        await alice.leave("r")
+        if publisher == "member":
+            await bob.join("r")
+
+        async def publish(data: str) -> int:
+            if publisher == "member":
+                return await bob.publish("r", data)
+            return await hub.publish("r", data)
+
+        for n in (1, 2, 3):
+            assert await publish(f"m{n}") == n
+        await alice.send(
+            {"type": "join", "room": "r", "since": {"epoch": epoch, "offset": 1}, "ref": "j"}
+        )
+        with trio.fail_after(1):
+            await backplane.replaying.wait()
+        # The replay of 2..3 is running: 4 and 5 are published meanwhile.
+        assert await publish("m4") == 4
+        assert await publish("m5") == 5
+        await trio.testing.wait_all_tasks_blocked()
+        await alice.assert_nothing_received()  # not a member yet: nothing live
+        backplane.gate.set()
+        reply = await alice.expect_reply("j", status="ok")
+        assert reply["data"] == {"room": "r", "epoch": epoch, "offset": 5, "recovered": True}
+        for n in (2, 3, 4, 5):
+            await alice.expect("message", room="r", epoch=epoch, offset=n, data=f"m{n}")
+        await alice.assert_nothing_received()
+        # What arrived during the first replay was fetched by a second one.
+        assert backplane.replays == [(1, 3), (3, 5)]
+        # Live from here on, right after the replay.
+        assert await publish("m6") == 6
+        await alice.expect("message", room="r", offset=6, data="m6")
+        await alice.assert_nothing_received()
+        room = hub.room("r")
+        assert room is not None
+        assert room.statistics().members == (2 if publisher == "member" else 1)
+
+
+@pytest.mark.parametrize("bound", ["bytes", "messages"])
+async def test_recovery_larger_than_the_free_outbox_is_not_recovered(
+    bound: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """Never partial: a replay that would overflow the joiner's outbox is refused whole."""
+    small = (
+        Config(outbox_max_bytes=2_048, batch_max_bytes=2_048)
+        if bound == "bytes"
+        else Config(outbox_max_messages=8)
+    )
+    hub = make_hub()
+    async with (
+        open_test_client(hub, user="alice", config=small) as alice,
+        open_test_client(hub, user="bob") as bob,
+    ):
+        epoch = (await alice.join("r"))["epoch"]
+        await alice.leave("r")
+        await bob.join("r")
+        pad = "x" * 200 if bound == "bytes" else ""
+        for n in range(1, 21):  # ~4.5 KiB, 20 messages: over either bound
+            assert await bob.publish("r", {"n": n, "pad": pad}) == n
+        data = await alice.join("r", since={"epoch": epoch, "offset": 0})
+        assert data == {"room": "r", "epoch": epoch, "offset": 20, "recovered": False}
+        await trio.testing.wait_all_tasks_blocked()
+        await alice.assert_nothing_received()  # nothing replayed, not even a part
+        assert alice.connection.close_record is None  # and not a slow consumer
+        # Still joined: live messages follow.
+        assert await bob.publish("r", {"n": 21, "pad": pad}) == 21
+        await alice.expect("message", offset=21)
+        await alice.assert_nothing_received()
+        # A recovery that fits is replayed whole.
+        await alice.leave("r")
+        assert await bob.publish("r", {"n": 22, "pad": pad}) == 22
+        assert await bob.publish("r", {"n": 23, "pad": pad}) == 23
+        data = await alice.join("r", since={"epoch": epoch, "offset": 21})
+        assert data["recovered"] is True
+        await alice.expect("message", offset=22)
+        await alice.expect("message", offset=23)
+        await alice.assert_nothing_received()
+
+
+class FlakyBackplane(LocalBackplane):
+    """A local backplane that raises :class:`BackplaneError` where the test says."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down: set[str] = set()
+
+    def _check(self, operation: str) -> None:
+        if operation in self.down:
+            raise BackplaneError(f"{operation}: backplane down")
+
+    async def publish(self, room: str, sender: str | None, data: Any, nonce: str | None) -> Any:
+        await trio.lowlevel.checkpoint()
+        self._check("publish")
+        return await super().publish(room, sender, data, nonce)
+
+    async def position(self, room: str) -> Any:
+        await trio.lowlevel.checkpoint()
+        self._check("position")
+        return await super().position(room)
+
+    async def replay(self, room: str, epoch: str, after: int, upto: int) -> Any:
+        await trio.lowlevel.checkpoint()
+        self._check("replay")
+        return await super().replay(room, epoch, after, upto)
+
+
+async def test_publish_when_the_backplane_is_down_is_unavailable(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backplane = FlakyBackplane()
+    hub = make_hub(backplane=backplane)
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
+        for client in (alice, bob):
+            await client.join("r")
+        assert await alice.publish("r", "before") == 1
+        for client in (alice, bob):
+            await client.expect("message", offset=1)
+        backplane.down.add("publish")
+        reply = await alice.request("publish", room="r", data="lost")
+        assert reply["status"] == "error"
+        assert reply["error"] == {"code": "unavailable", "message": "publish: backplane down"}
+        with pytest.raises(BackplaneError):
+            await hub.publish("r", "server")
+        await trio.testing.wait_all_tasks_blocked()
+        for client in (alice, bob):
+            await client.assert_nothing_received()  # nothing was sequenced
+            assert client.closed is None  # the connections stay up
+        assert hub.statistics().published == 1
+        # Back up: the order goes on with no gap.
+        backplane.down.clear()
+        assert await alice.publish("r", "after") == 2
+        for client in (alice, bob):
+            await client.expect("message", offset=2, data="after")
+
+
+@pytest.mark.parametrize("failing", ["position", "replay"])
+async def test_join_when_the_backplane_is_down_is_unavailable(
+    failing: str, autojump_clock: trio.abc.Clock
+) -> None:
+    """``position``: the first join here cannot learn where the room stands;
+    ``replay``: a recovering join cannot read the history."""
+    backplane = FlakyBackplane()
+    hub = make_hub(backplane=backplane)
+    async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
+        epoch = (await alice.join("r"))["epoch"]
+        await alice.leave("r")
+        if failing == "replay":
+            await bob.join("r")  # the room's position is known here
+        assert await hub.publish("r", "missed") == 1
+        backplane.down.add(failing)
+        reply = await alice.request("join", room="r", since={"epoch": epoch, "offset": 0}, ref="j")
+        assert reply == {
+            "type": "reply",
+            "ref": "j",
+            "status": "error",
+            "error": {"code": "unavailable", "message": f"{failing}: backplane down"},
+        }
+        # Not a member: no message reaches it, publishing is not_joined.
+        assert (await alice.request("publish", room="r", data="x"))["error"]["code"] == (
+            "not_joined"
+        )
+        assert await hub.publish("r", "unheard") == 2
+        await trio.testing.wait_all_tasks_blocked()
+        await alice.assert_nothing_received()
+        assert alice.closed is None
+        assert hub.session(alice.connection_id) is not None
+        assert "r" not in hub.session(alice.connection_id).rooms  # type: ignore[union-attr]
+        if failing == "position":
+            assert hub.rooms() == []  # nothing left behind
+            with pytest.raises(BackplaneError):
+                await hub.join(alice.connection_id, "r")
+            assert hub.rooms() == []
+        else:
+            room = hub.room("r")
+            assert room is not None
+            assert room.statistics().members == 1
+        # Back up: the same join recovers everything.
+        backplane.down.clear()
+        data = await alice.join("r", since={"epoch": epoch, "offset": 0})
+        assert data == {"room": "r", "epoch": epoch, "offset": 2, "recovered": True}
+        await alice.expect("message", offset=1, data="missed")
+        await alice.expect("message", offset=2, data="unheard")
+        await alice.assert_nothing_received()
 
 
 async def test_binary_frame_closes_1003(autojump_clock: trio.abc.Clock) -> None:
@@ -837,64 +1128,78 @@ async def test_app_sheds_load_with_1013(autojump_clock: trio.abc.Clock) -> None:
 async def test_hub_publish_from_the_server(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
     # A room without members still has an order.
-    assert hub.publish("news", {"n": 1}) == 1
+    assert await hub.publish("news", {"n": 1}) == 1
     assert hub.room("news") is None  # no members
     async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         joined = await alice.join("news")
         assert joined["offset"] == 1
         await bob.join("news")
-        assert hub.publish("news", {"n": 2}) == 2
-        assert hub.publish("news", {"n": 3}, sender="bot") == 3
+        assert await hub.publish("news", {"n": 2}) == 2
+        assert await hub.publish("news", {"n": 3}, sender="bot") == 3
         for client in (alice, bob):
             await client.expect("message", room="news", offset=2, from_=None, data={"n": 2})
             await client.expect("message", room="news", offset=3, from_="bot", data={"n": 3})
             await client.assert_nothing_received()
         with pytest.raises(ValueError, match="invalid room"):
-            hub.publish("not a room", 1)
+            await hub.publish("not a room", 1)
         # Data that cannot be encoded raises and leaves no gap in the order.
         with pytest.raises(TypeError):
-            hub.publish("news", {"not json": object()})
+            await hub.publish("news", {"not json": object()})
         with pytest.raises(ValueError):
-            hub.publish("news", float("nan"))
-        assert hub.publish("news", "next") == 4
+            await hub.publish("news", float("nan"))
+        assert await hub.publish("news", "next") == 4
         await alice.expect("message", offset=4, data="next")
     assert hub.statistics().published == 4
 
 
 async def test_broadcast_ephemeral_coalesces_by_key(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
-    async with open_test_clients(hub, ["alice", "bob", "carol"]) as (alice, bob, carol):
-        for client in (alice, bob, carol):
-            await client.join("lobby")
+    async with (
+        open_test_client(hub, user="alice") as alice,
+        open_stalled_client(hub, "bob") as (_, bob),
+        open_stalled_client(hub, "carol") as (_, carol),
+    ):
+        await alice.join("lobby")
+        for wire in (bob, carol):
+            await wire.send(json.dumps({"type": "join", "room": "lobby", "ref": 1}))
+        # Their writers now hold the join replies, blocked on a full socket:
+        # every broadcast below stays in their outboxes until they read.
+        await trio.testing.wait_all_tasks_blocked()
+        room = hub.room("lobby")
+        assert room is not None
+        assert room.statistics().members == 3
         alice_session = hub.session(alice.connection_id)
-        # Synchronous calls: the outboxes hold the first while the rest arrive.
-        counts = [
-            hub.broadcast(
+        before = hub.statistics().delivered
+        for n in range(5):
+            await hub.broadcast(
                 "lobby",
                 {"type": "typing", "user": "alice", "n": n},
                 key="typing:alice",
                 exclude=alice_session,
             )
-            for n in range(5)
-        ]
-        assert counts == [2] * 5
-        for client in (bob, carol):
-            await client.expect("typing", user="alice", n=4)  # latest wins
-            await client.assert_nothing_received()
-        await alice.assert_nothing_received()  # excluded
         stats = hub.statistics()
-        assert stats.coalesced == 2 * 4
+        assert stats.delivered - before == 2 * 5  # bob's and carol's outboxes, each time
+        assert stats.coalesced == 2 * 4  # n=1..4 each replaced the queued one
         assert stats.published == 0  # outside the room's order
-        room = hub.room("lobby")
-        assert room is not None
         assert room.offset == 0
         # Without a key nothing is coalesced; durable delivery may be asked for.
-        assert hub.broadcast("lobby", {"type": "presence"}, delivery=Delivery.DURABLE) == 3
-        assert hub.broadcast("lobby", {"type": "presence"}) == 3
-        for client in (alice, bob, carol):
-            await client.expect("presence")
-            await client.expect("presence")
-        assert hub.broadcast("nobody-here", {"type": "x"}) == 0
+        await hub.broadcast("lobby", {"type": "presence"}, delivery=Delivery.DURABLE)
+        await hub.broadcast("lobby", {"type": "presence"})
+        assert hub.statistics().coalesced == 2 * 4
+        await alice.expect("presence")  # excluded from typing, not from these
+        await alice.expect("presence")
+        await alice.assert_nothing_received()
+        for wire in (bob, carol):
+            got = await read_until_quiet(wire)
+            assert [m["type"] for m in got] == ["hello", "reply", "typing", "presence", "presence"]
+            assert got[2] == {"type": "typing", "user": "alice", "n": 4}  # latest wins
+        # A room nobody is in: nobody gets anything.
+        before = hub.statistics().delivered
+        await hub.broadcast("nobody-here", {"type": "x"})
+        assert hub.statistics().delivered == before
+        await alice.assert_nothing_received()
+        for wire in (bob, carol):
+            assert await read_until_quiet(wire) == []
 
 
 async def test_send_to_user_reaches_every_tab_and_no_other_user(
@@ -906,12 +1211,18 @@ async def test_send_to_user_reaches_every_tab_and_no_other_user(
         assert hub.statistics().connections == 150
         assert hub.statistics().users == 50
         for user in users:
-            assert hub.send_to_user(user, {"type": "note", "to": user}) == 3
+            await hub.send_to_user(user, {"type": "note", "to": user})
+        # Each tab got exactly one note, its user's: every tab of the user got
+        # it, and no other user did.
         for tab in tabs:
             await tab.expect("note", to=tab.user)
         for tab in tabs:
             await tab.assert_nothing_received()
-        assert hub.send_to_user("ghost", {"type": "note"}) == 0
+        assert hub.statistics().delivered == 150
+        await hub.send_to_user("ghost", {"type": "note"})
+        assert hub.statistics().delivered == 150
+        for tab in tabs:
+            await tab.assert_nothing_received()
         assert {s.id for s in hub.sessions_of("user7")} == {
             t.connection_id for t in tabs if t.user == "user7"
         }
@@ -941,7 +1252,7 @@ async def test_disconnect_user_closes_every_tab_4002(autojump_clock: trio.abc.Cl
     async with open_test_clients(hub, ["alice", "alice", "alice", "bob"]) as (*tabs, bob):
         for client in (*tabs, bob):
             await client.join("lobby")
-        assert hub.disconnect_user("alice", reason="kicked by admin") == 3
+        await hub.disconnect_user("alice", reason="kicked by admin")
         for tab in tabs:
             frame = await tab.expect_closed(4002)
             assert frame.reason == "kicked by admin"
@@ -953,18 +1264,24 @@ async def test_disconnect_user_closes_every_tab_4002(autojump_clock: trio.abc.Cl
         assert room is not None
         assert room.statistics().members == 1
         assert await bob.publish("lobby", "alone") == 1
-        assert hub.disconnect_user("alice") == 0
+        await bob.expect("message", offset=1, data="alone")
+        await hub.disconnect_user("alice")  # no tab left: nothing happens
+        await hub.disconnect_user("nobody")
+        await trio.testing.wait_all_tasks_blocked()
+        assert bob.closed is None
+        await bob.assert_nothing_received()
+        assert closed == [("alice", 4002)] * 3
 
 
 async def test_server_side_join_and_leave(autojump_clock: trio.abc.Clock) -> None:
     hub = make_hub()
     async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
-        assert hub.join(alice.connection_id, "news")
-        assert hub.join(alice.connection_id, "news")  # idempotent
+        assert await hub.join(alice.connection_id, "news")
+        assert await hub.join(alice.connection_id, "news")  # idempotent
         room = hub.room("news")
         assert room is not None
         assert room.statistics().members == 1
-        hub.publish("news", "headline")
+        await hub.publish("news", "headline")
         await alice.expect("message", room="news", offset=1, data="headline")
         await bob.assert_nothing_received()
         # The client can use the membership the server gave it.
@@ -972,13 +1289,13 @@ async def test_server_side_join_and_leave(autojump_clock: trio.abc.Clock) -> Non
         assert hub.leave(alice.connection_id, "news")
         assert not hub.leave(alice.connection_id, "news")
         assert hub.room("news") is None
-        hub.publish("news", "unheard")
+        await hub.publish("news", "unheard")
         await alice.expect("message", offset=2)
         await alice.assert_nothing_received()
-        assert not hub.join("no-such-id", "news")
+        assert not await hub.join("no-such-id", "news")
         assert not hub.leave("no-such-id", "news")
         with pytest.raises(ValueError, match="invalid room"):
-            hub.join(alice.connection_id, "")
+            await hub.join(alice.connection_id, "")
 
 
 async def test_statistics_snapshots(autojump_clock: trio.abc.Clock) -> None:
@@ -1031,7 +1348,7 @@ async def test_registry_empty_after_everyone_leaves(autojump_clock: trio.abc.Clo
         # Every way out: a close frame, a vanished link, a kick, an app close.
         await tabs[0].close()
         tabs[1].vanish()
-        hub.disconnect_user("bob")
+        await hub.disconnect_user("bob")
         tabs[2].connection.close_nowait(4002)
         for tab in tabs[3:]:
             await tab.expect_closed(4002)
@@ -1271,7 +1588,7 @@ async def test_kick_mid_stream_leaves_nothing_after_the_close_frame_on_the_wire(
         async def kick_after_two_chunks() -> None:
             while log[-1:] != ["chunk 1"]:
                 await trio.sleep(0.1)
-            hub.disconnect_user("alice")
+            await hub.disconnect_user("alice")
 
         nursery.start_soon(kick_after_two_chunks)
         lines: list[str] = []

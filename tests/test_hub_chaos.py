@@ -30,7 +30,16 @@ import pytest
 import trio
 import trio.testing
 
-from chatcore import HandshakeRejected, HandshakeRequest, Hub, HubConfig, Identity, Reject
+from chatcore import (
+    HandshakeRejected,
+    HandshakeRequest,
+    HistoryConfig,
+    Hub,
+    HubConfig,
+    Identity,
+    LocalBackplane,
+    Reject,
+)
 from chatcore.testing import TestClient, open_test_client, open_test_clients
 
 ROOMS = ["a", "b", "c", "d"]
@@ -110,8 +119,10 @@ async def run_chaos(seed: int) -> dict[str, int]:
             max_connections_per_user=PER_USER,
             max_connections=len(USERS) * PER_USER,
             max_rooms_per_connection=3,
-            idle_rooms=2,  # rooms that empty out are soon forgotten: new epochs
         ),
+        # The backplane keeps the order of 2 rooms: rooms that empty out are
+        # soon forgotten and come back with new epochs.
+        backplane=LocalBackplane(HistoryConfig(rooms=2)),
     )
     counts = {"connections": 0, "refused": 0, "messages": 0, "kicks": 0}
     ref_numbers = iter(range(10**9))
@@ -155,7 +166,7 @@ async def run_chaos(seed: int) -> dict[str, int]:
             client.vanish()
         elif ending == "kick":
             counts["kicks"] += 1
-            hub.disconnect_user(str(client.user))  # all of this user's tabs
+            await hub.disconnect_user(str(client.user))  # all of this user's tabs
         elif ending == "app":
             session = hub.session(client.connection_id)
             if session is not None:
@@ -184,16 +195,16 @@ async def run_chaos(seed: int) -> dict[str, int]:
             action = rng.random()
             sessions = hub.sessions()
             if action < 0.3:
-                hub.publish(rng.choice([*ROOMS, SERVER_ROOM]), {"from": "admin"})
+                await hub.publish(rng.choice([*ROOMS, SERVER_ROOM]), {"from": "admin"})
             elif action < 0.5:
-                hub.broadcast(rng.choice(ROOMS), {"type": "typing"}, key="typing")
+                await hub.broadcast(rng.choice(ROOMS), {"type": "typing"}, key="typing")
             elif action < 0.7 and sessions:
-                hub.join(rng.choice(sessions).id, SERVER_ROOM)
+                await hub.join(rng.choice(sessions).id, SERVER_ROOM)
             elif action < 0.85 and sessions:
                 hub.leave(rng.choice(sessions).id, SERVER_ROOM)
             elif action < 0.9:
                 counts["kicks"] += 1
-                hub.disconnect_user(rng.choice(USERS))
+                await hub.disconnect_user(rng.choice(USERS))
 
     tasks_before = trio.lowlevel.current_statistics().tasks_living
     with trio.fail_after(3_600):  # virtual seconds
