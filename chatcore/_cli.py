@@ -1,22 +1,32 @@
-"""The ``chatcore`` command line."""
+"""The ``chatcore`` command line (also ``python -m chatcore``).
+
+``chatcore serve MODULE:ATTR`` is the production entry point: it serves a
+:class:`~chatcore.Hub`, an :class:`~chatcore.asgi.ASGIApp` or any
+:class:`~chatcore.ConnectionHandler` on hypercorn's trio worker, and owns
+SIGTERM (drain, then stop). See ``docs/deploy.md``.
+"""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 
-import trio
+import attrs
 
-from ._config import Config
+from . import _serve
+from ._backplane import LocalBackplane
 from ._connection import ConnectionHandler
+from ._hub import Hub
+from .asgi import ASGIApp
 
 logger = logging.getLogger("chatcore.cli")
+
+#: ``chatcore serve``'s default for permessage-deflate (see docs/deploy.md).
+DEFAULT_COMPRESSION = False
 
 
 def load_target(spec: str) -> object:
@@ -50,65 +60,234 @@ def _parse_bind(bind: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``chatcore`` command."""
-    parser = argparse.ArgumentParser(prog="chatcore", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve a ConnectionHandler over WebSocket")
-    serve.add_argument("target", help="MODULE:ATTRIBUTE of the handler, e.g. examples.echo:handler")
-    serve.add_argument(
-        "--bind", type=_parse_bind, default=("127.0.0.1", 8000), help="HOST:PORT (127.0.0.1:8000)"
+    parser = argparse.ArgumentParser(
+        prog="chatcore", description="chatcore: race-free chat and WebSocket servers on Trio."
     )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve a hub, ASGIApp or ConnectionHandler on hypercorn",
+        description="Serve MODULE:ATTR (a chatcore Hub, ASGIApp or ConnectionHandler) on "
+        "hypercorn's trio worker. SIGTERM/SIGINT: refuse new connections (503), drain "
+        "within --drain-grace, then stop; a second signal stops at once.",
+    )
+    serve.add_argument("target", help="MODULE:ATTRIBUTE, e.g. examples.echo:handler")
+    serve.add_argument(
+        "--bind",
+        type=_parse_bind,
+        action="append",
+        metavar="HOST:PORT",
+        help="address to listen on; repeatable (default 127.0.0.1:8000; port 0 picks one)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="worker processes sharing the port (default 1; with the in-process "
+        "backplane each worker is its own island)",
+    )
+    serve.add_argument("--path", help="WebSocket endpoint (default /ws)")
+    serve.add_argument("--health-path", help="health/readiness endpoint (default /healthz)")
     serve.add_argument(
         "--heartbeat-interval",
         type=float,
-        default=Config().heartbeat_interval,
-        help="seconds between server pings",
+        metavar="SECONDS",
+        help="seconds between server pings (default: the app's config, 25)",
     )
     serve.add_argument(
         "--heartbeat-timeout",
         type=float,
-        default=Config().heartbeat_timeout,
-        help="seconds a client has to answer a ping",
+        metavar="SECONDS",
+        help="seconds a client has to answer a ping (default: the app's config, 20)",
     )
-    serve.add_argument("--log-level", default="INFO", help="logging level (INFO)")
+    serve.add_argument(
+        "--drain-grace",
+        type=_seconds,
+        default=_serve.DEFAULT_DRAIN_GRACE,
+        metavar="SECONDS",
+        help="seconds the SIGTERM drain may take (default %(default)s; keep it below "
+        "the platform's kill deadline, 10 s on Cloud Run and Kubernetes)",
+    )
+    serve.add_argument(
+        "--tcp-user-timeout",
+        type=_seconds,
+        default=_serve.DEFAULT_TCP_USER_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a connection whose sent data stays unacknowledged this long "
+        "(bounds sends to stalled clients; default %(default)s, 0 = kernel default)",
+    )
+    serve.add_argument(
+        "--compression",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_COMPRESSION,
+        help="accept permessage-deflate when a client offers it (default: off; see "
+        "docs/deploy.md for the measurements)",
+    )
+    serve.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="log every request and handshake (default: on)",
+    )
+    serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
 
-async def _serve(handler: ConnectionHandler, host: str, port: int, config: Config) -> None:
-    from .transports._trio_websocket import serve_websocket
+def build_app(
+    target: object,
+    *,
+    path: str | None = None,
+    health_path: str | None = None,
+    heartbeat_interval: float | None = None,
+    heartbeat_timeout: float | None = None,
+) -> ASGIApp:
+    """The :class:`ASGIApp` ``chatcore serve`` runs for ``target``.
 
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(
-            functools.partial(serve_websocket, handler, host, port, config=config)
+    A hub or any :class:`ConnectionHandler` is wrapped; an :class:`ASGIApp`
+    is used as is. The other arguments, when given, override its settings.
+
+    Raises:
+        SystemExit: ``target`` is none of those, or a value is invalid.
+    """
+    try:
+        if isinstance(target, ASGIApp):
+            app = target
+            if path is not None:
+                app.path = path
+            if health_path is not None:
+                app.health_path = health_path
+        elif isinstance(target, ConnectionHandler):
+            app = ASGIApp(target, path=path or "/ws", health_path=health_path or "/healthz")
+        else:
+            raise SystemExit(
+                f"chatcore: {target!r} is not a chatcore Hub, ASGIApp or ConnectionHandler"
+            )
+        if heartbeat_interval is not None or heartbeat_timeout is not None:
+            base = app.config
+            app.config = attrs.evolve(
+                base,
+                heartbeat_interval=(
+                    base.heartbeat_interval if heartbeat_interval is None else heartbeat_interval
+                ),
+                heartbeat_timeout=(
+                    base.heartbeat_timeout if heartbeat_timeout is None else heartbeat_timeout
+                ),
+            )
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"chatcore: {exc}") from None
+    return app
+
+
+def _worker_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of one worker process (the same options, one worker)."""
+    argv = [sys.executable, "-m", "chatcore", "serve", args.target]
+    for option in ("path", "health_path", "heartbeat_interval", "heartbeat_timeout"):
+        value = getattr(args, option)
+        if value is not None:
+            argv += [f"--{option.replace('_', '-')}", str(value)]
+    argv += [
+        "--drain-grace",
+        str(args.drain_grace),
+        "--tcp-user-timeout",
+        str(args.tcp_user_timeout),
+        "--compression" if args.compression else "--no-compression",
+        "--access-log" if args.access_log else "--no-access-log",
+        "--log-level",
+        args.log_level,
+    ]
+    return argv
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    app = build_app(
+        load_target(args.target),
+        path=args.path,
+        health_path=args.health_path,
+        heartbeat_interval=args.heartbeat_interval,
+        heartbeat_timeout=args.heartbeat_timeout,
+    )
+    try:
+        _serve.set_compression(args.compression)
+    except RuntimeError as exc:
+        raise SystemExit(f"chatcore: {exc}") from None
+    if args.worker_fd is not None:
+        sock = _serve.worker_socket(args.worker_fd)
+        return _serve.run_until_shutdown(
+            app, [sock], drain_grace=args.drain_grace, access_log=args.access_log, worker=True
         )
-        for listener in listeners:
-            address = listener.socket.getsockname()
-            print(f"chatcore: serving on ws://{address[0]}:{address[1]}/", flush=True)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                logger.info(
-                    "received %s; closing connections with 1012", signal.Signals(signum).name
-                )
-                nursery.cancel_scope.cancel()
-                break
+    binds = args.bind or [("127.0.0.1", 8000)]
+    if args.workers > 1 and len(binds) > 1:
+        raise SystemExit("chatcore: --workers takes a single --bind")
+    try:
+        sockets = [
+            _serve.create_listening_socket(host, port, tcp_user_timeout=args.tcp_user_timeout)
+            for host, port in binds
+        ]
+    except OSError as exc:
+        raise SystemExit(f"chatcore: cannot listen: {exc}") from None
+    logger.info(
+        "%s on %s: compression %s, drain grace %.1f s, TCP_USER_TIMEOUT %s",
+        type(app.handler).__name__,
+        "hypercorn (trio worker)",
+        "on" if args.compression else "off",
+        args.drain_grace,
+        f"{args.tcp_user_timeout:g} s" if args.tcp_user_timeout else "kernel default",
+    )
+    if args.workers == 1:
+        return _serve.run_until_shutdown(
+            app, sockets, drain_grace=args.drain_grace, access_log=args.access_log
+        )
+    if isinstance(app.handler, Hub) and not isinstance(app.handler.backplane, LocalBackplane):
+        logger.info(
+            "%d worker processes share the port; rooms span them through %s",
+            args.workers,
+            type(app.handler.backplane).__name__,
+        )
+    else:
+        logger.warning(
+            "%d worker processes share the port; with the in-process backplane each worker "
+            "is its own island (members of one room on different workers do not see each "
+            "other's messages)",
+            args.workers,
+        )
+    for url in (_serve._url(sock, app.path) for sock in sockets):
+        print(f"chatcore: serving on {url}", flush=True)
+    return _serve.run_workers(_worker_argv(args), sockets[0], args.workers)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``chatcore`` console script."""
+    """Entry point of the ``chatcore`` console script.
+
+    Returns:
+        The process exit code (0 after a graceful shutdown).
+
+    Raises:
+        SystemExit: bad arguments or an unusable target (with a message).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handler = load_target(args.target)
-    if not isinstance(handler, ConnectionHandler):
-        raise SystemExit(f"chatcore: {args.target} is not a chatcore.ConnectionHandler")
-    try:
-        config = Config(
-            heartbeat_interval=args.heartbeat_interval, heartbeat_timeout=args.heartbeat_timeout
-        )
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"chatcore: {exc}") from None
-    host, port = args.bind
-    trio.run(_serve, handler, host, port, config)
-    return 0
+    if args.command == "serve":
+        return _serve_command(args)
+    raise SystemExit(f"chatcore: unknown command {args.command!r}")  # pragma: no cover

@@ -4,7 +4,7 @@ Run it with::
 
     chatcore serve examples.echo:handler
 
-then connect with any WebSocket client to ``ws://127.0.0.1:8000/`` and send
+then connect with any WebSocket client to ``ws://127.0.0.1:8000/ws`` and send
 text. Each message reaches every connected client as
 ``{"type":"message","from":"<connection id>","data":"<text>"}``.
 """

@@ -1,0 +1,474 @@
+"""Running an :class:`~chatcore.asgi.ASGIApp` on hypercorn: the ``chatcore serve`` runtime.
+
+Theory of operation
+-------------------
+
+``chatcore serve`` runs hypercorn's trio worker programmatically
+(:func:`hypercorn.trio.serve`) and owns what hypercorn gets wrong for
+long-lived WebSockets:
+
+* **The listening sockets.** :func:`create_listening_socket` makes them with
+  ``SO_REUSEADDR`` and ``TCP_USER_TIMEOUT``; hypercorn receives them as
+  ``fd://N`` binds. hypercorn shields its socket writes from cancellation, so
+  a send to a client that stopped reading can only be ended by the kernel:
+  ``TCP_USER_TIMEOUT`` drops a connection whose data stays unacknowledged
+  that long (accepted sockets inherit the option). Without it a client that
+  is alive but stopped reading blocks its connection's send, and graceful
+  shutdown, indefinitely (the kernel keeps probing the zero window), and a
+  client that vanished mid-send for the ~15 minutes of ``tcp_retries2``.
+
+* **Shutdown.** On SIGTERM/SIGINT hypercorn would say nothing to the
+  application for ``graceful_timeout`` and then cancel it (clients see 1006;
+  ASGI ``lifespan.shutdown`` only arrives after the connections are gone). So
+  :func:`serve` takes the signals itself and:
+
+  1. stops admitting: new handshakes get 503 with ``Retry-After`` and
+     ``/healthz`` turns 503 (not ready);
+  2. drains: :meth:`ASGIApp.drain` (for a hub: ``shutdown`` messages with a
+     jittered ``reconnect_after_ms``, then 1012 closes in batches) within
+     ``drain_grace`` seconds;
+  3. then triggers hypercorn's own shutdown, which gets :data:`SHUTDOWN_GRACE`
+     seconds for HTTP requests in flight before it cancels what is left:
+     each connection still open closes with 1012 (its actor's shielded,
+     bounded close) and is dropped.
+
+  A second signal skips the waiting: the drain stops and hypercorn cancels
+  everything at once (still with a 1012 close frame per connection).
+
+* **Workers.** With ``workers > 1`` the parent process creates the listening
+  socket and starts that many worker processes that inherit it
+  (``python -m chatcore serve ... --worker-fd N``); the kernel spreads the
+  accepted connections. The parent forwards SIGTERM/SIGINT to the workers
+  and exits when they have. With the in-process backplane each worker is its
+  own island: the rooms of one worker do not see another's members.
+
+* **Compression.** hypercorn 0.18 accepts permessage-deflate whenever the
+  client offers it (every browser does) and has no setting for it
+  (pgjones/hypercorn#307). See :func:`set_compression` and ``docs/deploy.md``
+  for the measurements behind ``chatcore serve``'s default.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from typing import Any, cast
+
+import attrs
+import trio
+import wsproto.extensions
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .asgi import ASGIApp
+
+__all__ = [
+    "DEFAULT_DRAIN_GRACE",
+    "DEFAULT_TCP_USER_TIMEOUT",
+    "SHUTDOWN_GRACE",
+    "Server",
+    "create_listening_socket",
+    "hypercorn_config",
+    "run_workers",
+    "serve",
+    "set_compression",
+]
+
+logger = logging.getLogger("chatcore.serve")
+
+#: Seconds a SIGTERM drain may take (Cloud Run and Kubernetes kill after 10).
+DEFAULT_DRAIN_GRACE = 8.0
+#: Seconds unacknowledged data may stay in flight before the kernel drops the
+#: connection (``TCP_USER_TIMEOUT``): the bound on a send to a stalled client.
+DEFAULT_TCP_USER_TIMEOUT = 10.0
+#: Seconds hypercorn gets, after the drain, to finish HTTP requests in flight
+#: before it cancels what is left.
+SHUTDOWN_GRACE = 1.0
+
+
+def create_listening_socket(
+    host: str,
+    port: int,
+    *,
+    tcp_user_timeout: float | None = DEFAULT_TCP_USER_TIMEOUT,
+    reuse_port: bool = False,
+    backlog: int = 1024,
+) -> socket.socket:
+    """A listening TCP socket for hypercorn, with the options chatcore relies on.
+
+    ``SO_REUSEADDR`` (restart without waiting for TIME_WAIT) and
+    ``TCP_USER_TIMEOUT`` (see the module docs), which every accepted socket
+    inherits. The socket is inheritable, so worker processes can share it.
+
+    Args:
+        host: Address to bind (``"127.0.0.1"``, ``"0.0.0.0"``, ``"::"``...).
+        port: Port to bind; 0 picks a free one (read it with ``getsockname()``).
+        tcp_user_timeout: Seconds, or ``None``/0 to leave the kernel default.
+            Ignored (with a warning) where the platform lacks the option.
+        reuse_port: Also set ``SO_REUSEPORT`` (several processes binding the
+            same port themselves).
+        backlog: The listen backlog.
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if tcp_user_timeout:
+            option = getattr(socket, "TCP_USER_TIMEOUT", None)
+            if option is None:
+                logger.warning(
+                    "TCP_USER_TIMEOUT is not available here; stalled sends are unbounded"
+                )
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(tcp_user_timeout * 1000)))
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class _DeclinedPerMessageDeflate(wsproto.extensions.PerMessageDeflate):
+    """permessage-deflate that declines every offer (the handshake omits it)."""
+
+    def accept(self, offer: str) -> bool | str | None:
+        return None
+
+
+def set_compression(enabled: bool) -> None:
+    """Whether hypercorn accepts permessage-deflate in this process.
+
+    hypercorn 0.18 has no setting for it: ``WSStream`` accepts wsproto's
+    ``PerMessageDeflate`` whenever the client offers it
+    (``hypercorn/protocol/ws_stream.py``; pgjones/hypercorn#307). Disabling it
+    rebinds that one module-level name to a subclass that declines the offer,
+    process-wide; this is the only place chatcore reaches into hypercorn, and
+    it refuses to guess if that name ever changes. ``chatcore serve`` calls
+    it once at start-up.
+
+    Raises:
+        RuntimeError: this hypercorn does not negotiate compression the way
+            0.18 does, so it cannot be switched off here.
+    """
+    from hypercorn.protocol import ws_stream
+
+    current = getattr(ws_stream, "PerMessageDeflate", None)
+    if not (
+        isinstance(current, type) and issubclass(current, wsproto.extensions.PerMessageDeflate)
+    ):
+        if enabled:
+            return
+        raise RuntimeError(
+            "cannot switch off permessage-deflate for this hypercorn version; "
+            "run with compression enabled"
+        )
+    ws_stream.PerMessageDeflate = (  # type: ignore[attr-defined]
+        wsproto.extensions.PerMessageDeflate if enabled else _DeclinedPerMessageDeflate
+    )
+
+
+def hypercorn_config(app: ASGIApp, *, access_log: bool = True) -> HypercornConfig:
+    """The hypercorn configuration ``chatcore serve`` uses (without binds).
+
+    Logs go through :mod:`logging` (``hypercorn.access``, ``hypercorn.error``).
+    hypercorn's own per-message limit is set to twice chatcore's, so chatcore
+    itself answers oversize messages with 1009 and records why; only a
+    message beyond that is cut off by hypercorn (also with 1009).
+    """
+    config = HypercornConfig()
+    config.accesslog = logging.getLogger("hypercorn.access") if access_log else None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.graceful_timeout = SHUTDOWN_GRACE
+    config.websocket_max_message_size = 2 * app.config.max_message_bytes
+    return config
+
+
+def _url(sock: socket.socket, path: str) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"ws://{host}:{port}{path}"
+
+
+@attrs.define(eq=False)
+class Server:
+    """A running :func:`serve` (its ``task_status`` value).
+
+    Attributes:
+        app: The application being served.
+        urls: The WebSocket URLs served (one per listening socket).
+    """
+
+    app: ASGIApp
+    urls: tuple[str, ...]
+    _config: HypercornConfig = attrs.field(alias="config")
+    # Set by the first shutdown request.
+    _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # The drain in progress (a second request cancels it).
+    _drain_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    # hypercorn's task (a second request during its grace period cancels it).
+    _hypercorn_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    # hypercorn's shutdown trigger.
+    _stop_hypercorn: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _requests: int = attrs.field(default=0, init=False)
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once a shutdown was requested."""
+        return self._requests > 0
+
+    def request_shutdown(self) -> None:
+        """Like SIGTERM: the first call drains gracefully, a second skips the waiting."""
+        self._requests += 1
+        if self._requests == 1:
+            self._shutdown.set()
+            return
+        logger.warning("second shutdown request: closing everything now")
+        self._config.graceful_timeout = 0
+        self._drain_scope.cancel()
+        if self._stop_hypercorn.is_set():
+            self._hypercorn_scope.cancel()
+        self._stop_hypercorn.set()
+
+    async def _watch_signals(self, signals: Sequence[int]) -> None:
+        with trio.open_signal_receiver(*signals) as received:
+            # A worker process starts with SIGTERM blocked (see run_workers):
+            # one that arrived during start-up is delivered now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            async for signum in received:
+                logger.info("received %s", signal.Signals(signum).name)
+                self.request_shutdown()
+
+
+async def serve(
+    app: ASGIApp,
+    sockets: Sequence[socket.socket],
+    *,
+    drain_grace: float = DEFAULT_DRAIN_GRACE,
+    access_log: bool = True,
+    config: HypercornConfig | None = None,
+    signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` with hypercorn's trio worker until shut down, then drain.
+
+    Returns after a graceful shutdown (see the module docs): a signal in
+    ``signals`` or :meth:`Server.request_shutdown`. The sockets stay open
+    (the caller made them; hypercorn serves duplicates of them).
+
+    Args:
+        app: The application.
+        sockets: Listening sockets (see :func:`create_listening_socket`).
+        drain_grace: Seconds the drain may take after the shutdown request.
+        access_log: Log every request (handshakes included) to ``hypercorn.access``.
+        config: hypercorn's configuration (default :func:`hypercorn_config`);
+            its binds are replaced by ``sockets``.
+        signals: Signals that request the shutdown (only in the main thread;
+            pass ``()`` to handle shutdown yourself).
+        task_status: Started with the :class:`Server` once listening.
+
+    Raises:
+        Exception: whatever makes hypercorn itself fail (e.g. a bad socket).
+
+    Cancellation: hypercorn stops at once; each open connection still gets
+    a 1012 close frame.
+    """
+    config = config or hypercorn_config(app, access_log=access_log)
+    duplicates = [os.dup(sock.fileno()) for sock in sockets]
+    config.bind = [f"fd://{fd}" for fd in duplicates]
+    server = Server(app, tuple(_url(sock, app.path) for sock in sockets), config=config)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def run_hypercorn(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                with server._hypercorn_scope:
+                    await hypercorn_serve(
+                        cast(Any, app),
+                        config,
+                        shutdown_trigger=server._stop_hypercorn.wait,
+                        task_status=task_status,
+                    )
+                nursery.cancel_scope.cancel()  # hypercorn is done: so are we
+
+            if signals:
+                nursery.start_soon(server._watch_signals, signals)
+            await nursery.start(run_hypercorn)
+            duplicates.clear()  # hypercorn owns them now
+            task_status.started(server)
+            await server._shutdown.wait()
+            start = trio.current_time()
+            health = app.health()
+            logger.info(
+                "shutting down: refusing new connections, draining %d within %.1f s",
+                health.connections,
+                drain_grace,
+            )
+            with server._drain_scope:
+                left = await app.drain(drain_grace)
+                logger.info(
+                    "drain finished in %.2f s; %d connection(s) left",
+                    trio.current_time() - start,
+                    left,
+                )
+            server._stop_hypercorn.set()
+            await trio.sleep_forever()
+    finally:
+        for fd in duplicates:
+            os.close(fd)
+
+
+def run_workers(argv: Sequence[str], sock: socket.socket, workers: int) -> int:
+    """Run ``workers`` worker processes sharing ``sock``: the supervisor of ``--workers N``.
+
+    Each worker runs ``argv`` plus ``--worker-fd N`` (the inherited socket).
+    SIGTERM and SIGINT here are forwarded to the workers as SIGTERM (a second
+    one too, so they skip their waiting). A worker starts with SIGINT ignored
+    (the terminal's Ctrl-C reaches the whole process group; the supervisor
+    decides) and SIGTERM blocked until it can drain (see
+    :meth:`Server._watch_signals`), so a SIGTERM that arrives while it is still
+    starting is not fatal but handled once it is up. If a worker exits on its
+    own, the others are stopped too.
+
+    Args:
+        argv: The worker command line, without ``--worker-fd``.
+        sock: The shared listening socket.
+        workers: How many worker processes.
+
+    Returns:
+        0 if every worker exited with 0, else the first non-zero exit code.
+    """
+    fd = sock.fileno()
+    early: list[int] = []  # signals that arrive before the trio loop runs
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: early.append(signum))
+    # Dispositions set to "ignore" and blocked signals survive exec: the
+    # workers inherit both (a Python handler would not).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        processes = [
+            subprocess.Popen([*argv, "--worker-fd", str(fd)], pass_fds=(fd,))
+            for _ in range(workers)
+        ]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    try:
+        return trio.run(_supervise, processes, early)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def _supervise(processes: list[subprocess.Popen[bytes]], early: list[int]) -> int:
+    codes: list[int] = []
+    stopping = False
+
+    def forward(reason: str) -> None:
+        logger.info("%s; stopping the workers", reason)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+
+    async def watch(process: subprocess.Popen[bytes]) -> None:
+        nonlocal stopping
+        code = await trio.to_thread.run_sync(process.wait, abandon_on_cancel=True)
+        codes.append(code)
+        if not stopping:
+            stopping = True
+            forward(f"worker {process.pid} exited with {code}")
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_all() -> None:
+                async with trio.open_nursery() as watchers:
+                    for process in processes:
+                        watchers.start_soon(watch, process)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_all)
+            for signum in early:
+                stopping = True
+                forward(f"received {signal.Signals(signum).name}")
+            async for signum in received:
+                stopping = True
+                forward(f"received {signal.Signals(signum).name}")
+    return next((code for code in codes if code != 0), 0)
+
+
+def _ignore_terminal_interrupt() -> None:
+    """Worker processes leave SIGINT to the supervisor (see :func:`run_workers`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def worker_socket(fd: int) -> socket.socket:
+    """The listening socket a worker inherited as ``fd``.
+
+    Raises:
+        SystemExit: ``fd`` is not a listening TCP socket.
+    """
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise SystemExit(f"chatcore: --worker-fd {fd}: {exc}") from None
+    if sock.type != socket.SOCK_STREAM:
+        raise SystemExit(f"chatcore: --worker-fd {fd} is not a TCP socket")
+    sock.setblocking(False)
+    return sock
+
+
+def run_until_shutdown(
+    app: ASGIApp,
+    sockets: Sequence[socket.socket],
+    *,
+    drain_grace: float = DEFAULT_DRAIN_GRACE,
+    access_log: bool = True,
+    worker: bool = False,
+) -> int:
+    """Run :func:`serve` in a fresh trio loop: the body of ``chatcore serve``.
+
+    Prints ``chatcore: serving on ws://…`` per socket once listening (unless
+    ``worker``: the supervisor printed it) and takes SIGTERM and SIGINT (a
+    worker only SIGTERM, see :func:`run_workers`).
+
+    Returns:
+        0 after a graceful shutdown.
+    """
+    signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+    if worker:
+        _ignore_terminal_interrupt()
+        signals = (signal.SIGTERM,)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                functools.partial(
+                    serve,
+                    app,
+                    sockets,
+                    drain_grace=drain_grace,
+                    access_log=access_log,
+                    signals=signals,
+                )
+            )
+            if worker:
+                logger.info("worker %d serving %s", os.getpid(), " ".join(server.urls))
+                return
+            for url in server.urls:
+                print(f"chatcore: serving on {url}", flush=True)
+                health = url.replace("ws", "http", 1).removesuffix(app.path) + app.health_path
+                logger.info("health and readiness: %s", health)
+
+    trio.run(main)
+    return 0
