@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="log every request and handshake (default: on)",
     )
+    serve.add_argument(
+        "--gc-tuning",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="freeze start-up objects and raise GC thresholds once listening (default: on; "
+        "see docs/performance.md)",
+    )
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     return parser
@@ -211,6 +218,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         str(args.tcp_user_timeout),
         "--compression" if args.compression else "--no-compression",
         "--access-log" if args.access_log else "--no-access-log",
+        "--gc-tuning" if args.gc_tuning else "--no-gc-tuning",
         "--log-level",
         args.log_level,
     ]
@@ -232,7 +240,12 @@ def _serve_command(args: argparse.Namespace) -> int:
     if args.worker_fd is not None:
         sock = _serve.worker_socket(args.worker_fd)
         return _serve.run_until_shutdown(
-            app, [sock], drain_grace=args.drain_grace, access_log=args.access_log, worker=True
+            app,
+            [sock],
+            drain_grace=args.drain_grace,
+            access_log=args.access_log,
+            worker=True,
+            gc_tuning=args.gc_tuning,
         )
     binds = args.bind or [("127.0.0.1", 8000)]
     if args.workers > 1 and len(binds) > 1:
@@ -254,7 +267,11 @@ def _serve_command(args: argparse.Namespace) -> int:
     )
     if args.workers == 1:
         return _serve.run_until_shutdown(
-            app, sockets, drain_grace=args.drain_grace, access_log=args.access_log
+            app,
+            sockets,
+            drain_grace=args.drain_grace,
+            access_log=args.access_log,
+            gc_tuning=args.gc_tuning,
         )
     if isinstance(app.handler, Hub) and not isinstance(app.handler.backplane, LocalBackplane):
         logger.info(
