@@ -16,9 +16,18 @@ member's outbox without blocking; a full outbox applies the message's delivery
 class (durable: the slow member is closed with 4001; ephemeral: dropped or
 coalesced). There is no task per delivery.
 
-Per-room order: offsets are assigned in one place, :meth:`Room._assign`,
-+1 per message, and the publisher's ``reply`` is queued before the message
-itself, so it arrives first.
+Per-room order is decided in one place, the :class:`~chatcore.Backplane`
+(in process by default, Redis across nodes). The hub delivers what the
+backplane sequenced in offset order: duplicates are dropped, a message that
+arrives ahead of a gap waits while :meth:`Hub.run` fills the gap from the
+room's history. A publisher's ``reply`` is matched by a nonce and queued right
+before its own message, whichever of the two this node learns first.
+
+Recovery (``join`` with ``since``) replays from the backplane's history and
+then, with no ``await`` in between, makes the connection a member, answers
+and queues the replay: no live message can fall between the replayed ones and
+the next live one. Presence (opt-in) is a :class:`~chatcore.sansio.PresenceTable`
+fed by local joins and leaves and by other nodes' events.
 """
 
 from __future__ import annotations
