@@ -1158,13 +1158,7 @@ class Hub(ConnectionHandler):
                     )
                     return
         else:
-            room = session._rooms[name]
-            data = {"room": name, "epoch": room.epoch, "offset": room.offset}
-            if message.since is not None:
-                data["recovered"] = (
-                    message.since.epoch == room.epoch and message.since.offset == room.offset
-                )
-            session._reply(message.ref, data)
+            self._answer_member(session, message)
             return
         room = self._open_room(name)
         room._joining += 1
@@ -1175,6 +1169,11 @@ class Hub(ConnectionHandler):
             session._error(message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later")
             return
         else:
+            if name in session._rooms:
+                # A server-side join made it a member meanwhile: it already gets
+                # the room live, so replaying would repeat messages.
+                self._answer_member(session, message)
+                return
             # From here on, synchronously: become a member, answer, replay. No live
             # message can fall between the replayed ones and the next live one.
             # A member before the join is released: the room never closes (and
@@ -1191,6 +1190,16 @@ class Hub(ConnectionHandler):
         for item in replay:
             session.connection.offer(item.message)
         self._presence_join(session, room, backlog)
+
+    def _answer_member(self, session: Session, message: Join) -> None:
+        """Answer a join of a room the connection is already in (nothing to replay)."""
+        room = session._rooms[message.room]
+        data: dict[str, Any] = {"room": room.name, "epoch": room.epoch, "offset": room.offset}
+        if message.since is not None:
+            data["recovered"] = (
+                message.since.epoch == room.epoch and message.since.offset == room.offset
+            )
+        session._reply(message.ref, data)
 
     def _presence_join(self, session: Session, room: Room, backlog: bool) -> None:
         """Record the join, send the joiner the room's presence, tell the others.
