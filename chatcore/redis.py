@@ -1,0 +1,1424 @@
+"""Scale-out on Redis: :class:`RedisBackplane`, the backplane across processes and nodes.
+
+Install the extra: ``pip install 'chatcore[redis]'`` (it pulls in ``coredis``).
+
+Theory of operation
+-------------------
+
+Rule 1: **a room's order is decided in one place, a Lua script.** For a room
+``R`` the script ``_PUBLISH_LUA`` makes sure the room has an epoch (the
+caller's fresh random one is stored only if none is), increments the offset,
+builds the final ``message`` text by concatenating JSON fragments the node
+encoded (so it is byte-identical to :func:`~chatcore.sansio._protocol.encode_message`),
+appends it to the room's capped stream (entry id ``<offset>-0``) and
+``PUBLISH``-es ``offset, epoch, nonce, text`` on the room's channel, all
+atomically. Its reply, ``(epoch, offset)``, is the publisher's ``ok``: a
+message is reported sequenced only once it is in the stream.
+
+Rule 2: **a node hears a room only on the room's channel.** Every node that
+:meth:`~RedisBackplane.watch`-es a room subscribes to its channel and hands
+each message to the hub (:meth:`BackplaneSink._deliver`), the publishing node
+included: Redis delivers a channel's messages in execution order, so the
+channel is the one ordered path. The publisher's reply and its own message meet
+in the hub by ``nonce``.
+
+Rule 3: **the subscription is supervised here, not in coredis.** coredis
+6.9's own pub/sub recovery is not trusted (iteration can end silently after a
+reconnect, messages published while it resubscribes are lost, a pool slot
+leaks per reconnect, its backoff never resets). A *session* is one fresh
+coredis client with three connections (subscription, publishing, commands).
+The subscription is pinged every ``heartbeat_interval`` and every command has
+a reply deadline, so a dead or hung (``SIGSTOP``-ped) server ends the session
+within about ``heartbeat_interval + command_timeout``. Then the backplane is
+:attr:`~RedisBackplane.degraded`, and reconnects with exponential backoff and
+jitter that starts over after a session that held. A new session subscribes
+to every watched room *first*, then reads each room's stream from the last
+offset it delivered (*catch-up*) before it delivers anything from the
+channels, so nothing published during the outage or the resubscribe is lost,
+and duplicates are dropped by offset.
+
+Rule 4: **while Redis is away, calls fail fast and nothing lies.** Publishes
+wait up to ``request_timeout`` for Redis to come back (a short blip is ridden
+out), then raise :class:`~chatcore.BackplaneError` (the hub answers
+``unavailable``); once the outage is older than that, at once. A publish whose
+script was sent but whose reply never came may or may not have been
+sequenced: it is reported as failed, and if it was stored every member still
+receives it. Open client connections stay up throughout.
+
+Rule 5: **lost history is a new epoch.** If a room's keys vanish (Redis
+restarted without persistence, eviction, the idle TTL), the next script run
+creates a new epoch (and drops any leftover stream). A node that sees a
+watched room's epoch change calls :meth:`BackplaneSink._room_reset` once per
+change; messages of an epoch it has already left behind are dropped.
+
+Keys and channels
+-----------------
+
+Per room, hash-tagged so a room's keys share one Redis Cluster slot::
+
+    {prefix}:{<room>}:meta     hash: e = epoch, o = last offset
+    {prefix}:{<room>}:log      stream: id <offset>-0, fields t (ms), m (text)
+    {prefix}:{<room>}:ch       channel: "<offset>\\n<epoch>\\n<nonce>\\n<text>", and
+                               broadcasts: "b<JSON header>\\n<text>"
+
+Per deployment::
+
+    {prefix}:nodes             zset: node id -> lease expiry (Redis ms)
+    {prefix}:bus               channel: directed messages, disconnects, presence
+
+Directed delivery (``send_to_user``, ``disconnect_user``) and presence go over
+the one bus channel every node subscribes to: a node keeps no per-user
+subscriptions, so there is no subscribe race when a user's tab connects to a
+node; each node looks the user up locally. Broadcasts (messages outside a
+room's order) go over the room's channel, so only nodes with members hear
+them. For all three the sending node delivers to its own connections directly
+(also while Redis is down) and ignores its echo. None of these is stored: a
+node that is disconnected when one is sent misses it (a hub that has
+``_resync`` is told after every reconnect, to re-announce its presence).
+
+Subscriptions follow :meth:`~RedisBackplane.watch`; after
+:meth:`~RedisBackplane.unwatch` a room stays subscribed for
+``unsubscribe_linger`` seconds, so the hub's unwatch/watch around a first join,
+and members leaving and coming right back, keep the live subscription (and
+what this node knows of the room).
+
+Node liveness: every node refreshes its lease in the ``nodes`` zset every
+``node_ttl / 3`` seconds with a script that also reaps expired leases (Redis
+clock). A node that disappears from the zset (and whose last lease expired) is
+reported once through :meth:`BackplaneSink._node_down`. After a reconnect, no
+node is reported down for one ``node_ttl``, so peers that are re-registering
+after a Redis restart are not mistaken for dead ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AsyncExitStack, aclosing
+from typing import Any, Final, cast
+
+import anyio
+import attrs
+import trio
+
+try:
+    import coredis
+    import coredis.exceptions
+    from coredis.retry import NoRetryPolicy
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "chatcore.redis needs the coredis package: pip install 'chatcore[redis]'"
+    ) from exc
+
+from ._backplane import (
+    Backplane,
+    BackplaneError,
+    BackplaneSink,
+    HistoryConfig,
+    Position,
+    Sequenced,
+)
+from .sansio import Delivery, OutboundMessage
+
+__all__ = ["RedisBackplane", "RedisBackplaneStatistics"]
+
+logger = logging.getLogger("chatcore.redis")
+
+# One JSON encoder with exactly the options of chatcore.sansio.encode, so every
+# fragment the script concatenates is byte-identical to encode_message's.
+_JSON: Final = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+#: Sequence, store and publish one room message (Rule 1).
+#: KEYS: meta, log. ARGV: fresh epoch, room JSON, sender JSON, data JSON,
+#: nonce, max messages, channel, log TTL ms (0: none), meta TTL ms (0: none).
+_PUBLISH_LUA: Final = r"""
+local meta, log = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', log)
+  redis.call('HSET', meta, 'e', epoch)
+end
+local offset = redis.call('HINCRBY', meta, 'o', 1)
+local o = string.format('%d', offset)
+local text = '{"type":"message","room":' .. ARGV[2] .. ',"offset":' .. o ..
+  ',"epoch":"' .. epoch .. '","from":' .. ARGV[3] .. ',"data":' .. ARGV[4] .. '}'
+local now = redis.call('TIME')
+local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('XADD', log, 'MAXLEN', '~', ARGV[6], o .. '-0', 't', ms, 'm', text)
+if ARGV[8] ~= '0' then redis.call('PEXPIRE', log, ARGV[8]) end
+if ARGV[9] ~= '0' then redis.call('PEXPIRE', meta, ARGV[9]) end
+redis.call('PUBLISH', ARGV[7], o .. '\n' .. epoch .. '\n' .. ARGV[5] .. '\n' .. text)
+return {epoch, offset}
+"""
+
+#: A room's position and, optionally, stored messages after an offset.
+#: KEYS: meta, log. ARGV: fresh epoch ('' : do not create one, nor refresh the
+#: TTL), expected epoch ('' : any), after, upto ('+' : the end), count (0: no
+#: messages), meta TTL ms (0: none).
+#: Returns {epoch or false, last offset, now ms, entries}; entries only when
+#: the epoch is the expected one.
+_READ_LUA: Final = r"""
+local meta, log = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if ARGV[1] ~= '' then
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('DEL', log)
+    redis.call('HSET', meta, 'e', epoch, 'o', 0)
+  end
+  if ARGV[6] ~= '0' then redis.call('PEXPIRE', meta, ARGV[6]) end
+end
+local now = redis.call('TIME')
+local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+if not epoch then return {false, 0, ms, {}} end
+local offset = tonumber(redis.call('HGET', meta, 'o') or '0')
+local entries = {}
+local count = tonumber(ARGV[5])
+if count > 0 and (ARGV[2] == '' or ARGV[2] == epoch) then
+  local upto = ARGV[4]
+  if upto ~= '+' then upto = upto .. '-0' end
+  entries = redis.call('XRANGE', log, (tonumber(ARGV[3]) + 1) .. '-0', upto, 'COUNT', count)
+end
+return {epoch, offset, ms, entries}
+"""
+
+#: A room's newest stored messages.
+#: KEYS: meta, log. ARGV: count. Returns {epoch or false, now ms, entries newest first}.
+_RECENT_LUA: Final = r"""
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local now = redis.call('TIME')
+local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+if not epoch then return {false, ms, {}} end
+return {epoch, ms, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
+"""
+
+#: Refresh this node's lease and reap expired ones.
+#: KEYS: nodes. ARGV: node id, ttl ms. Returns {now ms, {node, expiry, ...}}.
+_LEASE_LUA: Final = r"""
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+return {string.format('%d', ms), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+"""
+
+_SCRIPTS: Final = {
+    "publish": _PUBLISH_LUA,
+    "read": _READ_LUA,
+    "recent": _RECENT_LUA,
+    "lease": _LEASE_LUA,
+}
+
+# How many channels go into one SUBSCRIBE, and rooms into one catch-up round.
+_SUBSCRIBE_CHUNK: Final = 1_000
+_CATCH_UP_ROUND: Final = 256
+# Push messages handed to the hub in one scheduler pass, at most.
+_BURST: Final = 1_024
+# Epochs a room remembers having left (messages from them are dropped).
+_RETIRED_EPOCHS: Final = 8
+
+
+class _SessionLost(Exception):
+    """This session cannot go on (the supervisor reconnects)."""
+
+
+@attrs.frozen
+class RedisBackplaneStatistics:
+    """A snapshot of a :class:`RedisBackplane` (see :meth:`RedisBackplane.statistics`).
+
+    Attributes:
+        node_id: This node's id.
+        connected: A session is established (subscribed and caught up).
+        degraded: Not connected (the backplane cannot currently do its job).
+        degraded_for: Seconds since the backplane became degraded, or ``None``.
+        sessions: Sessions established since :meth:`RedisBackplane.run` started.
+        session_failures: Sessions (or connection attempts) that ended in an error.
+        last_error: Why the last session ended or the last attempt failed.
+        watched_rooms: Rooms this node watches (subscribed, or will be on reconnect).
+        queued_publishes: Publishes waiting for the publishing task.
+        published: Messages sequenced through this node.
+        publish_failures: Publishes that raised :class:`~chatcore.BackplaneError`.
+        delivered: Room messages handed to the hub (live and caught up).
+        caught_up: Of those, read from the streams after a (re)connect.
+        duplicates: Room messages dropped because they were already delivered.
+        room_resets: Epoch changes seen for watched rooms.
+        nodes: Other nodes currently known to be alive.
+    """
+
+    node_id: str
+    connected: bool
+    degraded: bool
+    degraded_for: float | None
+    sessions: int
+    session_failures: int
+    last_error: str | None
+    watched_rooms: int
+    queued_publishes: int
+    published: int
+    publish_failures: int
+    delivered: int
+    caught_up: int
+    duplicates: int
+    room_resets: int
+    nodes: int
+
+
+@attrs.define(eq=False)
+class _RoomState:
+    """What this node knows of a watched room."""
+
+    # The room's epoch as last seen here (None: not learned yet).
+    epoch: str | None = None
+    # The last offset handed to the hub in ``epoch`` (dedupe and catch-up start).
+    delivered: int = 0
+    # The highest position() answered for the room: the hub has everything up
+    # to it. Catch-up starts after ``delivered``, or after this if nothing
+    # was delivered yet.
+    known: int = 0
+    # Epochs this room left behind; their messages are stale.
+    retired: deque[str] = attrs.Factory(lambda: deque(maxlen=_RETIRED_EPOCHS))
+    # Set once the current session's SUBSCRIBE for the room is acknowledged.
+    subscribed: trio.Event = attrs.Factory(trio.Event)
+    # False while the subscription lingers after unwatch() (see _linger_loop).
+    watched: bool = True
+
+
+@attrs.define(eq=False)
+class _PublishItem:
+    """One queued publish: the script's arguments and the caller's outcome."""
+
+    room: str
+    args: tuple[str, ...]
+    done: trio.Event = attrs.Factory(trio.Event)
+    result: tuple[str, int] | None = None
+    error: BackplaneError | None = None
+    # The script was handed to Redis: from here on the outcome is unknown until
+    # the reply comes.
+    sent: bool = False
+    # The caller gave up (deadline or cancellation) before it was sent: skip it.
+    abandoned: bool = False
+
+    def resolve(self, epoch: str, offset: int) -> None:
+        self.result = (epoch, offset)
+        self.done.set()
+
+    def fail(self, error: BackplaneError) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+@attrs.define(eq=False)
+class _Session:
+    """One connected period: a fresh coredis client and its three connections."""
+
+    client: coredis.Redis[bytes]
+    sub: coredis.BaseConnection
+    pub: coredis.BaseConnection
+    cmd: coredis.BaseConnection
+    # SHA1 of each script, by name.
+    shas: dict[str, bytes]
+    # Cancelling it ends the session (see RedisBackplane._kick).
+    scope: trio.CancelScope
+    # (UN)SUBSCRIBE commands sent per channel whose acknowledgement is pending.
+    inflight: dict[bytes, int] = attrs.Factory(dict)
+    unacked: int = 0
+    # Subscribed and caught up: serving calls.
+    established: bool = False
+    # Redis ms before which no node is reported down (a grace after connecting).
+    grace_until_ms: int = 0
+
+
+def _as_str(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, str):
+        return value
+    raise BackplaneError(f"unexpected reply from Redis: {value!r}")
+
+
+def _as_int(value: object) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, (bytes, str)):
+        return int(value)
+    raise BackplaneError(f"unexpected reply from Redis: {value!r}")
+
+
+def _as_list(value: object) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise BackplaneError(f"unexpected reply from Redis: {value!r}")
+
+
+class RedisBackplane(Backplane):
+    """The backplane on Redis: rooms and users across processes and nodes.
+
+    Run it alongside its hub (``await nursery.start(backplane.run)``; the hub
+    does this when it owns the backplane). One Redis 7+ server (or a primary
+    behind a stable address) serves any number of nodes. See the module docs
+    for how order, recovery and outages are handled, and ``docs/scale-out.md``.
+
+    Args:
+        url: The Redis URL (``redis://[user:password@]host:port/db``,
+            ``rediss://`` for TLS, ``unix:///path/to/socket``).
+        history: How much of each room's order is kept for recovery:
+            ``max_messages`` caps the stream (approximately: Redis trims whole
+            blocks, so a little more may be kept), ``max_age`` expires the
+            stream of an idle room and bounds replay, ``max_bytes`` bounds one
+            replay. ``rooms`` does not apply (Redis holds every room).
+        node_id: This node's id, unique across the deployment (default: a
+            random one).
+        prefix: Prefix of every Redis key and channel (deployments sharing one
+            Redis use different prefixes).
+        publish_batch: Most publishes sent to Redis in one pipelined batch.
+        publish_queue: Publishes that may wait for the publishing task; a
+            publish beyond it waits for room (within ``request_timeout``).
+        request_timeout: Longest a call (publish, position, replay, directed
+            delivery) waits, for Redis to come back and for its reply
+            together, before :class:`~chatcore.BackplaneError`.
+        command_timeout: Deadline for any one reply from Redis (and for the
+            subscription's heartbeat reply); a miss ends the session.
+        heartbeat_interval: Seconds between pings on the subscription.
+        reconnect_initial: First delay before reconnecting after a session
+            ended (doubled per failed attempt, with jitter).
+        reconnect_max: Largest delay between reconnect attempts.
+        node_ttl: Seconds a node's lease lives; refreshed every third of it.
+            A node that stops refreshing is reported down after about this.
+        room_ttl: Seconds an idle room's epoch and offset are kept in Redis
+            (refreshed by every publish and position read); ``None``: forever.
+            A room idle for longer starts a new epoch.
+        unsubscribe_linger: Seconds a room stays subscribed after
+            :meth:`unwatch`, so a member coming right back (or the hub's
+            unwatch/watch around a first join) keeps the live subscription.
+
+    Raises:
+        ValueError: a bound is not positive.
+    """
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379",
+        *,
+        history: HistoryConfig | None = None,
+        node_id: str | None = None,
+        prefix: str = "chatcore",
+        publish_batch: int = 128,
+        publish_queue: int = 4_096,
+        request_timeout: float = 2.0,
+        command_timeout: float = 1.0,
+        heartbeat_interval: float = 0.5,
+        reconnect_initial: float = 0.05,
+        reconnect_max: float = 0.5,
+        node_ttl: float = 10.0,
+        room_ttl: float | None = 7 * 24 * 3600.0,
+        unsubscribe_linger: float = 2.0,
+    ) -> None:
+        for name, value in (
+            ("publish_batch", publish_batch),
+            ("publish_queue", publish_queue),
+            ("request_timeout", request_timeout),
+            ("command_timeout", command_timeout),
+            ("heartbeat_interval", heartbeat_interval),
+            ("reconnect_initial", reconnect_initial),
+            ("reconnect_max", reconnect_max),
+            ("node_ttl", node_ttl),
+            ("room_ttl", 1 if room_ttl is None else room_ttl),
+            ("unsubscribe_linger", unsubscribe_linger),
+        ):
+            if not value > 0:  # also refuses NaN
+                raise ValueError(f"RedisBackplane {name} must be > 0, got {value!r}")
+        if not prefix or any(c in prefix for c in "{}\n"):
+            raise ValueError(f"RedisBackplane prefix must be non-empty without braces: {prefix!r}")
+        #: This node's id.
+        self.node_id = node_id or "node-" + secrets.token_hex(4)
+        #: The Redis URL.
+        self.url = url
+        #: The history bounds in force.
+        self.history = history or HistoryConfig()
+        #: The key and channel prefix.
+        self.prefix = prefix
+        self._publish_batch = publish_batch
+        self._request_timeout = request_timeout
+        self._command_timeout = command_timeout
+        self._heartbeat_interval = heartbeat_interval
+        self._reconnect_initial = reconnect_initial
+        self._reconnect_max = reconnect_max
+        self._node_ttl = node_ttl
+        self._linger = unsubscribe_linger
+        self._log_ttl_ms = (
+            "0" if self.history.max_age is None else str(math.ceil(self.history.max_age * 1000))
+        )
+        self._meta_ttl_ms = "0" if room_ttl is None else str(math.ceil(room_ttl * 1000))
+        self._bus = f"{prefix}:bus".encode()
+        self._nodes_key = f"{prefix}:nodes"
+
+        self._sink: BackplaneSink | None = None
+        # Subscribed rooms (watched, or lingering after unwatch), and the
+        # channel -> room map for incoming messages.
+        self._rooms: dict[str, _RoomState] = {}
+        self._channel_rooms: dict[bytes, str] = {}
+        # Unwatched rooms -> when their subscription ends.
+        self._lingering: dict[str, float] = {}
+        # Other nodes known alive -> their last lease expiry (Redis ms; 0: only
+        # heard of through presence).
+        self._nodes: dict[str, int] = {}
+        # Publishes: the bounded queue, and those taken from it but not sent
+        # when a session ended (sent first by the next session).
+        self._queue_send, self._queue_receive = trio.open_memory_channel[_PublishItem](
+            publish_queue
+        )
+        self._carry: deque[_PublishItem] = deque()
+        self._running = False
+        self._session: _Session | None = None
+        # Set while a session is established; replaced when it ends.
+        self._connected = trio.Event()
+        self._degraded_since: float | None = None
+        # Counters for statistics().
+        self._sessions = 0
+        self._session_failures = 0
+        self._last_error: str | None = None
+        self._published = 0
+        self._publish_failures = 0
+        self._delivered = 0
+        self._caught_up = 0
+        self._duplicates = 0
+        self._room_resets = 0
+
+    def __repr__(self) -> str:
+        state = (
+            "CONNECTED"
+            if self._session is not None and self._session.established
+            else ("DEGRADED" if self._running else "STOPPED")
+        )
+        return (
+            f"<RedisBackplane {self.node_id} {state} rooms={len(self._rooms)}"
+            f" queued={self._queue_send.statistics().current_buffer_used}>"
+        )
+
+    # -- keys -------------------------------------------------------------
+
+    def _meta_key(self, room: str) -> str:
+        return f"{self.prefix}:{{{room}}}:meta"
+
+    def _log_key(self, room: str) -> str:
+        return f"{self.prefix}:{{{room}}}:log"
+
+    def _channel(self, room: str) -> bytes:
+        return f"{self.prefix}:{{{room}}}:ch".encode()
+
+    # -- Backplane --------------------------------------------------------
+
+    def attach(self, sink: BackplaneSink) -> None:
+        """See :meth:`Backplane.attach`."""
+        self._sink = sink
+
+    @property
+    def degraded(self) -> bool:
+        """True while no session is established (Redis unreachable, or reconnecting).
+
+        Also true before :meth:`run` first connects.
+        """
+        return self._session is None or not self._session.established
+
+    def statistics(self) -> RedisBackplaneStatistics:
+        """A snapshot of the backplane's state and counters."""
+        since = self._degraded_since
+        return RedisBackplaneStatistics(
+            node_id=self.node_id,
+            connected=not self.degraded,
+            degraded=self.degraded,
+            degraded_for=None if since is None else trio.current_time() - since,
+            sessions=self._sessions,
+            session_failures=self._session_failures,
+            last_error=self._last_error,
+            watched_rooms=len(self._rooms),
+            queued_publishes=self._queue_send.statistics().current_buffer_used + len(self._carry),
+            published=self._published,
+            publish_failures=self._publish_failures,
+            delivered=self._delivered,
+            caught_up=self._caught_up,
+            duplicates=self._duplicates,
+            room_resets=self._room_resets,
+            nodes=len(self._nodes),
+        )
+
+    async def wait_connected(self) -> None:
+        """Wait until a session is established (returns at once if one is).
+
+        Cancellation: just stops waiting.
+        """
+        while self.degraded:
+            await self._connected.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, keep connected, and serve until cancelled.
+
+        Signals ``task_status.started()`` at once, before Redis is reached: a
+        server starts (degraded) even while Redis is down. Use
+        :meth:`wait_connected` to wait for the first session.
+
+        Raises:
+            RuntimeError: it is already running.
+
+        Cancellation: closes every Redis connection; queued publishes fail
+        with :class:`~chatcore.BackplaneError`.
+        """
+        if self._running:
+            raise RuntimeError("RedisBackplane.run() is already running")
+        self._running = True
+        self._degraded_since = trio.current_time()
+        task_status.started()
+        try:
+            await self._supervise()
+        finally:
+            self._running = False
+            self._session = None
+            stopped = "the Redis backplane stopped"
+            while self._carry:
+                self._carry.popleft().fail(BackplaneError(stopped))
+            while True:
+                try:
+                    self._queue_receive.receive_nowait().fail(BackplaneError(stopped))
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+
+    async def publish(
+        self, room: str, sender: str | None, data: Any, nonce: str | None
+    ) -> Position:
+        """Sequence, store and deliver a room message (see :meth:`Backplane.publish`).
+
+        The message is queued for the node's publishing task, which sends
+        queued publishes to Redis in pipelined batches; this returns when the
+        script's reply is in.
+
+        Raises:
+            TypeError, ValueError: ``data`` is not JSON-serialisable, or
+                ``nonce`` has a newline (nothing stored).
+            BackplaneError: not sequenced within ``request_timeout``
+                (Redis unreachable or too slow). If the script had already been
+                sent, it may still have been sequenced; it is then delivered
+                to every member as usual.
+
+        Cancellation: a publish not yet sent to Redis is withdrawn; one already
+        sent completes in Redis regardless.
+        """
+        # Encoding first: unencodable data raises before anything is queued.
+        args = (
+            secrets.token_hex(4),
+            _JSON.encode(room),
+            _JSON.encode(sender),
+            _JSON.encode(data),
+            nonce or "",
+            str(self.history.max_messages),
+            self._channel(room).decode(),
+            self._log_ttl_ms,
+            self._meta_ttl_ms,
+        )
+        if nonce is not None and "\n" in nonce:
+            raise ValueError("a publish nonce cannot contain a newline")
+        self._check_available()
+        item = _PublishItem(room, args)
+        try:
+            with trio.move_on_after(self._request_timeout):
+                await self._queue_send.send(item)
+                await item.done.wait()
+        finally:
+            if not item.done.is_set():
+                item.abandoned = True
+        if item.result is None:
+            self._publish_failures += 1
+            if item.error is not None:
+                raise item.error
+            raise BackplaneError(
+                "Redis did not answer in time: the message may have been sequenced"
+                if item.sent
+                else "Redis is unavailable: the message was not sequenced"
+            )
+        epoch, offset = item.result
+        self._published += 1
+        state = self._rooms.get(room)
+        if state is not None:
+            self._observe_epoch(room, state, epoch)
+        return Position(epoch, offset)
+
+    async def position(self, room: str) -> Position:
+        """The room's position (creating its epoch if it has none).
+
+        For a watched room this first waits until the room's subscription is
+        acknowledged, so every message after the returned offset reaches this
+        node (call :meth:`watch` before this when a member joins).
+
+        Raises:
+            BackplaneError: Redis unreachable within ``request_timeout``.
+
+        Cancellation: nothing to undo.
+        """
+        with trio.move_on_after(self._request_timeout):
+            session = await self._wait_established()
+            state = self._rooms.get(room)
+            if state is not None:
+                await state.subscribed.wait()
+            reply = await self._command(
+                session, "read", room, secrets.token_hex(4), "", "0", "+", "0", self._meta_ttl_ms
+            )
+            epoch, offset = _as_str(reply[0]), _as_int(reply[1])
+            if state is not None and self._rooms.get(room) is state:
+                self._observe_epoch(room, state, epoch)
+                if epoch == state.epoch:
+                    state.known = max(state.known, offset)
+            return Position(epoch, offset)
+        raise BackplaneError("Redis is unavailable: no position for the room")
+
+    async def replay(self, room: str, epoch: str, after: int, upto: int) -> list[Sequenced] | None:
+        """The stored messages with ``after < offset <= upto`` (see :meth:`Backplane.replay`).
+
+        Returns ``None`` if the room's epoch is not ``epoch``, or any of the
+        messages is no longer in the stream, is older than
+        ``history.max_age``, or the range is larger than ``history.max_bytes``.
+
+        Raises:
+            BackplaneError: Redis unreachable within ``request_timeout``.
+        """
+        if upto < after or after < 0:
+            await trio.lowlevel.checkpoint()
+            return None
+        with trio.move_on_after(self._request_timeout):
+            session = await self._wait_established()
+            reply = await self._command(
+                session, "read", room, "", epoch, str(after), str(upto), str(upto - after), "0"
+            )
+            if reply[0] is None or _as_str(reply[0]) != epoch or _as_int(reply[1]) < upto:
+                return None
+            now_ms = _as_int(reply[2])
+            entries = _as_list(reply[3])
+            if len(entries) != upto - after:
+                return None
+            oldest_ms = (
+                None if self.history.max_age is None else now_ms - self.history.max_age * 1000
+            )
+            budget = self.history.max_bytes
+            result = []
+            expected = after + 1
+            for offset, at_ms, text in self._entries(entries):
+                if offset != expected or (oldest_ms is not None and at_ms < oldest_ms):
+                    return None
+                if budget is not None:
+                    budget -= len(text)
+                    if budget < 0:
+                        return None
+                result.append(Sequenced(room, epoch, offset, OutboundMessage(text, len(text))))
+                expected += 1
+            return result
+        raise BackplaneError("Redis is unavailable: cannot replay the room")
+
+    def watch(self, room: str) -> None:
+        """Subscribe to ``room``'s channel (idempotent; takes effect asynchronously).
+
+        :meth:`position` waits for the subscription. While disconnected, the
+        room is subscribed to, and caught up, by the next session.
+        """
+        state = self._rooms.get(room)
+        if state is not None:
+            # Still subscribed (lingering): keep the subscription and what it knows.
+            state.watched = True
+            self._lingering.pop(room, None)
+            return
+        self._rooms[room] = _RoomState()
+        channel = self._channel(room)
+        self._channel_rooms[channel] = room
+        self._send_subscription(b"SUBSCRIBE", [channel])
+
+    def unwatch(self, room: str) -> None:
+        """Stop delivering ``room`` here (idempotent).
+
+        The subscription itself ends ``unsubscribe_linger`` seconds later
+        unless the room is watched again before.
+        """
+        state = self._rooms.get(room)
+        if state is None or not state.watched:
+            return
+        state.watched = False
+        self._lingering[room] = trio.current_time() + self._linger
+
+    async def recent(self, room: str, limit: int) -> list[Sequenced]:
+        """The room's newest ``limit`` stored messages, oldest first (see :meth:`Backplane.recent`).
+
+        Messages older than ``history.max_age`` are left out.
+
+        Raises:
+            BackplaneError: Redis unreachable within ``request_timeout``.
+        """
+        if limit <= 0:
+            await trio.lowlevel.checkpoint()
+            return []
+        with trio.move_on_after(self._request_timeout):
+            session = await self._wait_established()
+            reply = _as_list(
+                await self._request(
+                    session,
+                    session.cmd,
+                    "recent",
+                    (self._meta_key(room), self._log_key(room)),
+                    (str(limit),),
+                )
+            )
+            if reply[0] is None:
+                return []
+            epoch, now_ms = _as_str(reply[0]), _as_int(reply[1])
+            oldest_ms = (
+                None if self.history.max_age is None else now_ms - self.history.max_age * 1000
+            )
+            result = [
+                Sequenced(room, epoch, offset, OutboundMessage(text, len(text)))
+                for offset, at_ms, text in self._entries(_as_list(reply[2]))
+                if oldest_ms is None or at_ms >= oldest_ms
+            ]
+            result.reverse()
+            return result
+        raise BackplaneError("Redis is unavailable: cannot read the room's messages")
+
+    async def broadcast(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
+        """Deliver a message outside the room's order to its members on every node.
+
+        This node's members get it at once (even while Redis is down); other
+        nodes through the room's channel, so only nodes with members in the
+        room receive it.
+
+        Raises:
+            BackplaneError: the other nodes could not be told.
+        """
+        self._call_sink("_broadcast_here", room, message, exclude)
+        header = [self.node_id, exclude, message.delivery.value, message.key, message.nbytes]
+        await self._publish_raw(self._channel(room), b"b", header, message.text)
+
+    async def send_to_user(self, user: str, message: OutboundMessage) -> None:
+        """Deliver ``message`` to every connection of ``user`` on every node.
+
+        This node's connections get it at once (even while Redis is down);
+        the others through the bus channel.
+
+        Raises:
+            BackplaneError: the other nodes could not be told (Redis
+                unavailable); this node's connections did get it.
+        """
+        self._call_sink("_deliver_to_user", user, message)
+        header = [self.node_id, user, message.delivery.value, message.key, message.nbytes]
+        await self._publish_bus(b"u", header, message.text)
+
+    async def disconnect_user(self, user: str, code: int, reason: str) -> None:
+        """Close every connection of ``user`` on every node.
+
+        This node's connections are closed at once (even while Redis is down);
+        the others through the bus channel.
+
+        Raises:
+            BackplaneError: the other nodes could not be told.
+        """
+        self._call_sink("_disconnect_user_here", user, code, reason)
+        await self._publish_bus(b"d", [self.node_id, user, code], reason)
+
+    async def publish_presence(self, event: dict[str, Any]) -> None:
+        """Tell the other nodes about a local presence change.
+
+        Raises:
+            TypeError, ValueError: ``event`` is not JSON-serialisable.
+            BackplaneError: Redis unavailable.
+        """
+        await self._publish_bus(b"p", [self.node_id], _JSON.encode(event))
+
+    # -- calls ------------------------------------------------------------
+
+    def _check_available(self) -> None:
+        if not self._running:
+            raise BackplaneError("the Redis backplane is not running")
+        since = self._degraded_since
+        if since is not None and trio.current_time() - since >= self._request_timeout:
+            raise BackplaneError("Redis is unavailable")
+
+    async def _wait_established(self) -> _Session:
+        self._check_available()
+        while True:
+            session = self._session
+            if session is not None and session.established:
+                return session
+            await self._connected.wait()
+
+    async def _command(self, session: _Session, script: str, room: str, *args: str) -> list[Any]:
+        """Run a room script on the session's command connection."""
+        keys = (self._meta_key(room), self._log_key(room))
+        return _as_list(await self._request(session, session.cmd, script, keys, args))
+
+    async def _request(
+        self,
+        session: _Session,
+        connection: coredis.BaseConnection,
+        script: str,
+        keys: Sequence[str],
+        args: Sequence[str],
+    ) -> object:
+        """EVALSHA one script; failures of the link end the session."""
+
+        def evalsha() -> Awaitable[object]:
+            return connection.create_request(
+                b"EVALSHA",
+                session.shas[script],
+                len(keys),
+                *keys,
+                *args,
+                timeout=self._command_timeout,
+            )
+
+        try:
+            try:
+                return await evalsha()
+            except coredis.exceptions.NoScriptError:
+                # The script cache was flushed (SCRIPT FLUSH, a failover):
+                # nothing ran, so load it again and retry once.
+                await self._load_script(session, connection, script)
+                return await evalsha()
+        except coredis.exceptions.ResponseError as exc:
+            raise BackplaneError(f"Redis refused the {script} script: {exc}") from exc
+        except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+            self._kick(session, f"{script} failed: {exc!r}")
+            raise BackplaneError(f"Redis is unavailable: {exc}") from exc
+
+    async def _load_script(
+        self, session: _Session, connection: coredis.BaseConnection, script: str
+    ) -> None:
+        sha = await connection.create_request(
+            b"SCRIPT", b"LOAD", _SCRIPTS[script], timeout=self._command_timeout
+        )
+        session.shas[script] = sha if isinstance(sha, bytes) else _as_str(sha).encode()
+
+    async def _publish_bus(self, kind: bytes, header: list[Any], body: str) -> None:
+        await self._publish_raw(self._bus, kind, header, body)
+
+    async def _publish_raw(self, channel: bytes, kind: bytes, header: list[Any], body: str) -> None:
+        payload = kind + _JSON.encode(header).encode() + b"\n" + body.encode()
+        self._check_available()
+        with trio.move_on_after(self._request_timeout):
+            session = await self._wait_established()
+            try:
+                await session.cmd.create_request(
+                    b"PUBLISH", channel, payload, timeout=self._command_timeout
+                )
+            except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+                self._kick(session, f"bus publish failed: {exc!r}")
+                raise BackplaneError(f"Redis is unavailable: {exc}") from exc
+            return
+        raise BackplaneError("Redis is unavailable: the other nodes were not told")
+
+    def _call_sink(self, method: str, *args: Any) -> None:
+        # A hub bug must not take the backplane down (nor skip other deliveries).
+        if self._sink is None:
+            return
+        try:
+            getattr(self._sink, method)(*args)
+        except Exception:
+            logger.exception("%s: the hub's %s raised", self.node_id, method)
+
+    # -- rooms and epochs -------------------------------------------------
+
+    def _observe_epoch(self, room: str, state: _RoomState, epoch: str) -> bool:
+        """Note the room's epoch; False if it is one the room already left."""
+        if state.epoch == epoch:
+            return True
+        if epoch in state.retired:
+            return False
+        if state.epoch is None:
+            state.epoch = epoch
+            return True
+        logger.warning(
+            "%s: room %r lost its order in Redis (epoch %s -> %s)",
+            self.node_id,
+            room,
+            state.epoch,
+            epoch,
+        )
+        state.retired.append(state.epoch)
+        state.epoch = epoch
+        state.delivered = 0
+        state.known = 0
+        self._room_resets += 1
+        self._call_sink("_room_reset", room)
+        return True
+
+    def _deliver(
+        self, room: str, state: _RoomState, epoch: str, offset: int, text: str, nonce: str | None
+    ) -> None:
+        if not self._observe_epoch(room, state, epoch):
+            self._duplicates += 1
+            return
+        if offset <= state.delivered:
+            self._duplicates += 1
+            return
+        state.delivered = offset
+        self._delivered += 1
+        if self._sink is not None:
+            item = Sequenced(room, epoch, offset, OutboundMessage(text, len(text)), nonce)
+            try:
+                self._sink._deliver(item)
+            except Exception:
+                logger.exception("%s: the hub's _deliver raised", self.node_id)
+
+    @staticmethod
+    def _entries(entries: Iterable[Any]) -> Iterable[tuple[int, int, str]]:
+        """(offset, appended at ms, text) of raw XRANGE entries."""
+        for entry in entries:
+            entry_id, fields = entry[0], entry[1]
+            if isinstance(fields, dict):
+                values = {_as_str(k): v for k, v in fields.items()}
+            else:
+                values = {_as_str(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
+            offset = int(_as_str(entry_id).partition("-")[0])
+            yield offset, _as_int(values["t"]), _as_str(values["m"])
+
+    # -- incoming ---------------------------------------------------------
+
+    def _on_push(self, session: _Session, push: list[Any]) -> None:
+        kind = push[0]
+        if kind == b"message":
+            self._on_message(push[1], push[2])
+        elif kind in (b"subscribe", b"unsubscribe"):
+            self._on_ack(session, push[1])
+
+    def _on_ack(self, session: _Session, channel: bytes) -> None:
+        pending = session.inflight.get(channel, 0) - 1
+        session.unacked -= 1
+        if pending > 0:
+            session.inflight[channel] = pending
+            return
+        session.inflight.pop(channel, None)
+        room = self._channel_rooms.get(channel)
+        if room is not None:
+            self._rooms[room].subscribed.set()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if channel == self._bus:
+            self._on_bus(data)
+            return
+        room = self._channel_rooms.get(channel)
+        if room is None:
+            return  # unsubscribed meanwhile
+        if data[:1] == b"b":
+            self._on_broadcast(room, data)
+            return
+        try:
+            offset, epoch, nonce, text = data.split(b"\n", 3)
+            self._deliver(
+                room,
+                self._rooms[room],
+                epoch.decode(),
+                int(offset),
+                text.decode(),
+                nonce.decode() or None,
+            )
+        except ValueError:
+            logger.warning("%s: ignored a malformed message on %r", self.node_id, channel)
+
+    def _on_broadcast(self, room: str, data: bytes) -> None:
+        try:
+            header_line, body = data[1:].split(b"\n", 1)
+            node, exclude, delivery, key, nbytes = json.loads(header_line)
+            if node == self.node_id or not self._rooms[room].watched:
+                return
+            message = OutboundMessage(body.decode(), nbytes, Delivery(delivery), key)
+        except (ValueError, TypeError, KeyError):
+            logger.warning("%s: ignored a malformed broadcast %r", self.node_id, data[:80])
+            return
+        self._call_sink("_broadcast_here", room, message, exclude)
+
+    def _on_bus(self, data: bytes) -> None:
+        kind = data[:1]
+        try:
+            header_line, body = data[1:].split(b"\n", 1)
+            header = json.loads(header_line)
+            node = header[0]
+            if node == self.node_id:
+                return  # our own echo: delivered here directly
+            if kind == b"u":
+                _, user, delivery, key, nbytes = header
+                message = OutboundMessage(body.decode(), nbytes, Delivery(delivery), key)
+                self._call_sink("_deliver_to_user", user, message)
+            elif kind == b"d":
+                _, user, code = header
+                self._call_sink("_disconnect_user_here", user, code, body.decode())
+            elif kind == b"p":
+                self._nodes.setdefault(node, 0)
+                self._call_sink("_presence_event", node, json.loads(body))
+        except (ValueError, TypeError, IndexError, KeyError):
+            logger.warning("%s: ignored a malformed bus message %r", self.node_id, data[:80])
+
+    # -- the session ------------------------------------------------------
+
+    def _send_subscription(self, command: bytes, channels: list[bytes]) -> None:
+        session = self._session
+        if session is None:
+            return  # the next session subscribes to every watched room
+        try:
+            for start in range(0, len(channels), _SUBSCRIBE_CHUNK):
+                chunk = channels[start : start + _SUBSCRIBE_CHUNK]
+                session.sub.send_command(command, *chunk)
+                for channel in chunk:
+                    session.inflight[channel] = session.inflight.get(channel, 0) + 1
+                session.unacked += len(chunk)
+        except (coredis.exceptions.RedisError, anyio.ClosedResourceError) as exc:
+            # The connection is gone: the next session subscribes to everything.
+            self._kick(session, f"{command.decode()} failed: {exc!r}")
+
+    def _kick(self, session: _Session, reason: str) -> None:
+        """End ``session`` (if it is still the current one)."""
+        if self._session is session and not session.scope.cancel_called:
+            self._last_error = reason
+            session.scope.cancel()
+
+    async def _supervise(self) -> None:
+        delay = self._reconnect_initial
+        outage_logged = False
+        while True:
+            try:
+                with trio.CancelScope() as scope:
+                    await self._session_run(scope)
+                reason = self._last_error or "session ended"
+            except Exception as exc:
+                reason = _describe(exc)
+                self._last_error = reason
+                if not _is_link_error(exc):
+                    logger.error("%s: Redis session failed", self.node_id, exc_info=exc)
+            self._session_failures += 1
+            held = self._session is not None and self._session.established
+            self._end_session()
+            if held:
+                logger.warning("%s: lost Redis (%s); degraded, reconnecting", self.node_id, reason)
+                # A session that held starts the backoff over.
+                delay = self._reconnect_initial
+                outage_logged = True
+            elif not outage_logged:
+                logger.warning("%s: cannot reach Redis (%s); degraded", self.node_id, reason)
+                outage_logged = True
+            else:
+                logger.debug("%s: cannot reach Redis (%s)", self.node_id, reason)
+            await trio.sleep(random.uniform(delay / 2, delay))
+            if not held:
+                delay = min(delay * 2, self._reconnect_max)
+
+    def _end_session(self) -> None:
+        was = self._session
+        self._session = None
+        if was is not None and was.established:
+            self._degraded_since = trio.current_time()
+            self._connected = trio.Event()
+        # A lingering room is not resubscribed: it is simply gone.
+        for room in self._lingering:
+            self._forget(room)
+        self._lingering.clear()
+        for state in self._rooms.values():
+            # Waiters on an unset event keep it: the next session sets it.
+            if state.subscribed.is_set():
+                state.subscribed = trio.Event()
+
+    def _forget(self, room: str) -> None:
+        state = self._rooms.pop(room, None)
+        if state is not None:
+            self._channel_rooms.pop(self._channel(room), None)
+            state.subscribed.set()  # wakes position() waiters; they see it is gone
+
+    async def _session_run(self, scope: trio.CancelScope) -> None:
+        client: coredis.Redis[bytes] = coredis.Redis.from_url(
+            self.url,
+            decode_responses=False,
+            retry_policy=NoRetryPolicy(),
+            stream_timeout=self._command_timeout,
+            connect_timeout=self._command_timeout,
+            client_name=f"chatcore:{self.node_id}",
+        )
+        # Connecting, loading the scripts and subscribing are bounded together
+        # (a hung server accepts TCP connections but never answers).
+        setup_deadline = trio.current_time() + max(2 * self._command_timeout, 1.0)
+        async with client, AsyncExitStack() as stack:
+            with trio.fail_at(setup_deadline):
+                pool = client.connection_pool
+                sub = await pool.get_connection()
+                pub = await pool.get_connection()
+                cmd = await pool.get_connection()
+                session = _Session(client, sub, pub, cmd, {}, scope)
+                for name in _SCRIPTS:
+                    await self._load_script(session, cmd, name)
+                self._session = session
+                now_ms = await self._lease(session)
+                session.grace_until_ms = now_ms + math.ceil(self._node_ttl * 1000)
+                pushes = await stack.enter_async_context(aclosing(sub.push_messages))
+                self._send_subscription(b"SUBSCRIBE", [self._bus, *self._channel_rooms])
+                buffered: list[list[Any]] = []
+                while session.unacked > 0:
+                    push = await pushes.__anext__()
+                    if push[0] == b"message":
+                        buffered.append(push)
+                    else:
+                        self._on_push(session, push)
+            # Every watched room is subscribed: read what was missed, then
+            # what arrived meanwhile (duplicates drop by offset).
+            await self._catch_up(session)
+            for push in buffered:
+                self._on_push(session, push)
+            session.established = True
+            self._sessions += 1
+            if self._degraded_since is not None:
+                logger.info(
+                    "%s: connected to Redis (%.3f s degraded)",
+                    self.node_id,
+                    trio.current_time() - self._degraded_since,
+                )
+            self._degraded_since = None
+            self._connected.set()
+            if self._sessions > 1:
+                # Bus messages (presence, directed) sent while this node was
+                # away are gone, and peers may have dropped its connections
+                # (lease expiry). A hub with ``_resync`` (a proposed
+                # BackplaneSink addition) re-announces its presence and asks
+                # the others for theirs.
+                resync = getattr(self._sink, "_resync", None)
+                if resync is not None:
+                    self._call_sink("_resync")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, session)
+                nursery.start_soon(self._lease_loop, session)
+                nursery.start_soon(self._publisher, session)
+                nursery.start_soon(self._linger_loop, session)
+                burst = _push_buffer(sub)
+                async for push in pushes:
+                    self._on_push(session, push)
+                    # Hand the hub everything that already arrived before
+                    # yielding: its connections then send the burst as one
+                    # frame each instead of one frame per message.
+                    for _ in range(_BURST):
+                        try:
+                            self._on_push(session, burst())
+                        except anyio.WouldBlock:
+                            break
+                raise _SessionLost("the subscription ended")
+
+    async def _catch_up(self, session: _Session) -> None:
+        # Rooms are read in rounds of concurrent (pipelined) reads; a room with
+        # more to read than one read returns goes into the next round.
+        todo = list(self._rooms)
+        count = str(max(self.history.max_messages, 1))
+        while todo:
+            batch, todo = todo[:_CATCH_UP_ROUND], todo[_CATCH_UP_ROUND:]
+            requests = []
+            for room in batch:
+                state = self._rooms.get(room)
+                if state is None:
+                    continue
+                # From the last delivered offset (the hub dedupes); a room
+                # with nothing delivered yet from the hub's known position.
+                after = state.delivered or state.known
+                request = session.cmd.create_request(
+                    b"EVALSHA",
+                    session.shas["read"],
+                    2,
+                    self._meta_key(room),
+                    self._log_key(room),
+                    secrets.token_hex(4),
+                    state.epoch or "",
+                    str(after),
+                    "+",
+                    count if state.epoch is not None else "0",
+                    self._meta_ttl_ms,
+                    timeout=self._command_timeout,
+                )
+                requests.append((room, state, request))
+            for room, state, request in requests:
+                reply = _as_list(await request)
+                if self._rooms.get(room) is not state:
+                    continue
+                epoch, offset = _as_str(reply[0]), _as_int(reply[1])
+                if state.epoch is None:
+                    # Never learnt: the hub reads its position after this.
+                    state.epoch = epoch
+                    state.known = offset
+                    continue
+                if epoch != state.epoch:
+                    # A new order (Redis lost the old one): the hub is told,
+                    # then gets the new epoch's messages from its start.
+                    if self._observe_epoch(room, state, epoch):
+                        todo.append(room)
+                    continue
+                entries = _as_list(reply[3])
+                for entry_offset, _, text in self._entries(entries):
+                    before = self._delivered
+                    self._deliver(room, state, epoch, entry_offset, text, None)
+                    self._caught_up += self._delivered - before
+                if entries and state.delivered < offset:
+                    todo.append(room)
+
+    async def _lease(self, session: _Session) -> int:
+        reply = _as_list(
+            await self._request(
+                session,
+                session.cmd,
+                "lease",
+                (self._nodes_key,),
+                (self.node_id, str(math.ceil(self._node_ttl * 1000))),
+            )
+        )
+        now_ms = _as_int(reply[0])
+        flat = _as_list(reply[1])
+        live = {_as_str(flat[i]): int(float(_as_str(flat[i + 1]))) for i in range(0, len(flat), 2)}
+        live.pop(self.node_id, None)
+        for node, expiry in list(self._nodes.items()):
+            if node not in live and now_ms >= max(expiry, session.grace_until_ms):
+                del self._nodes[node]
+                logger.warning("%s: node %s is down (lease expired)", self.node_id, node)
+                self._call_sink("_node_down", node)
+        self._nodes.update(live)
+        return now_ms
+
+    async def _lease_loop(self, session: _Session) -> None:
+        while True:
+            await trio.sleep(self._node_ttl / 3)
+            await self._lease(session)
+
+    async def _linger_loop(self, session: _Session) -> None:
+        while True:
+            await trio.sleep(self._linger / 2)
+            now = trio.current_time()
+            expired = [room for room, until in self._lingering.items() if until <= now]
+            for room in expired:
+                del self._lingering[room]
+                self._forget(room)
+            if expired:
+                self._send_subscription(b"UNSUBSCRIBE", [self._channel(r) for r in expired])
+
+    async def _heartbeat(self, session: _Session) -> None:
+        # The subscription is otherwise silent while rooms are: a PING with a
+        # deadline tells a dead or hung server from a quiet one.
+        while True:
+            await trio.sleep(self._heartbeat_interval)
+            try:
+                await session.sub.create_request(b"PING", timeout=self._command_timeout)
+            except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+                raise _SessionLost(f"heartbeat failed: {exc!r}") from exc
+
+    async def _publisher(self, session: _Session) -> None:
+        while True:
+            batch: list[_PublishItem] = []
+            while self._carry and len(batch) < self._publish_batch:
+                batch.append(self._carry.popleft())
+            if not batch:
+                batch.append(await self._queue_receive.receive())
+            while len(batch) < self._publish_batch:
+                try:
+                    batch.append(self._queue_receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._publish_batch_to(session, batch)
+
+    async def _publish_batch_to(self, session: _Session, batch: list[_PublishItem]) -> None:
+        pending = [item for item in batch if not item.abandoned]
+        try:
+            for attempt in range(2):
+                requests = []
+                for item in pending:
+                    request = session.pub.create_request(
+                        b"EVALSHA",
+                        session.shas["publish"],
+                        2,
+                        self._meta_key(item.room),
+                        self._log_key(item.room),
+                        *item.args,
+                        timeout=self._command_timeout,
+                    )
+                    item.sent = True
+                    requests.append((item, request))
+                unscripted = []
+                for item, request in requests:
+                    try:
+                        reply = _as_list(await request)
+                    except coredis.exceptions.NoScriptError:
+                        # Not run (the script cache was flushed): safe to resend.
+                        item.sent = False
+                        unscripted.append(item)
+                    except coredis.exceptions.ResponseError as exc:
+                        item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
+                    else:
+                        item.resolve(_as_str(reply[0]), _as_int(reply[1]))
+                if not unscripted:
+                    return
+                if attempt == 0:
+                    await self._load_script(session, session.pub, "publish")
+                pending = unscripted
+            for item in pending:
+                item.fail(BackplaneError("Redis lost the publish script"))
+        except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+            raise _SessionLost(f"publish failed: {exc!r}") from exc
+        finally:
+            # Not sent, and the caller still waits: the next session sends it.
+            unsent = [
+                item
+                for item in batch
+                if not item.done.is_set() and not item.sent and not item.abandoned
+            ]
+            self._carry.extendleft(reversed(unsent))
+            for item in batch:
+                if not item.done.is_set() and item.sent:
+                    item.fail(
+                        BackplaneError(
+                            "the connection to Redis was lost: the message may have been sequenced"
+                        )
+                    )
+
+
+def _push_buffer(connection: coredis.BaseConnection) -> Callable[[], list[Any]]:
+    """A non-blocking receive of the connection's already-parsed push messages.
+
+    coredis only offers the ``push_messages`` generator, which yields to the
+    scheduler before every message; its buffer is a private attribute. If a
+    coredis version renames it, fall back to one message per pass.
+    """
+    stream = getattr(connection, "_push_message_buffer_out", None)
+    receive = getattr(stream, "receive_nowait", None)
+    if receive is None:  # pragma: no cover - another coredis layout
+
+        def receive() -> list[Any]:
+            raise anyio.WouldBlock
+
+    def receive_nowait() -> list[Any]:
+        try:
+            return cast(list[Any], receive())
+        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
+            raise anyio.WouldBlock from None  # the generator reports the loss
+
+    return receive_nowait
+
+
+def _is_link_error(exc: BaseException) -> bool:
+    """True if ``exc`` (or every exception in a group) is a lost or slow link."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_is_link_error(inner) for inner in exc.exceptions)
+    return isinstance(
+        exc,
+        (
+            coredis.exceptions.RedisError,
+            TimeoutError,
+            OSError,
+            trio.TooSlowError,
+            _SessionLost,
+            BackplaneError,
+            StopAsyncIteration,
+        ),
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
