@@ -138,6 +138,9 @@ class BackplaneSink(Protocol):
     def _room_reset(self, room: str) -> None:
         """The room's order was lost (new epoch): re-read its position."""
 
+    def _resync(self) -> None:
+        """The backplane reconnected: unstored bus messages (presence) may be lost."""
+
     def _broadcast_here(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
         """A message outside the room's order for this node's members of ``room``."""
 
@@ -172,7 +175,10 @@ class Backplane(abc.ABC):
         """Sequence, store and deliver a room message; returns its position.
 
         Raises:
-            BackplaneError: it could not be sequenced (nothing was stored).
+            BackplaneError: no position is known for it. Usually nothing was
+                stored; if the link broke after the request was sent, it may
+                have been stored and then reaches every member as usual (it is
+                never reported as published when it was not).
             TypeError, ValueError: ``data`` is not JSON-serialisable (nothing stored).
         """
 

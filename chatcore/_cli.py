@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a client has to answer a ping (default: the app's config, 20)",
     )
     serve.add_argument(
+        "--redis-url",
+        metavar="URL",
+        help="run rooms across processes and nodes on Redis (sets CHATCORE_REDIS_URL, which "
+        "a Hub without an explicit backplane reads; needs the chatcore[redis] extra)",
+    )
+    serve.add_argument(
         "--drain-grace",
         type=_seconds,
         default=_serve.DEFAULT_DRAIN_GRACE,
@@ -226,6 +232,10 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    if args.redis_url:
+        # Before the target is imported: its Hub picks its backplane from this.
+        # Worker processes inherit it.
+        os.environ["CHATCORE_REDIS_URL"] = args.redis_url
     app = build_app(
         load_target(args.target),
         path=args.path,

@@ -36,6 +36,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import secrets
 from collections import deque
@@ -393,8 +394,10 @@ class Hub(ConnectionHandler):
         config: The hub's limits.
         connection_config: Bounds of every connection (outbox, heartbeat, ...).
         backplane: Where rooms' order and history live and how hubs reach each
-            other (default: :class:`~chatcore.LocalBackplane`, in process).
-            Backplanes with background work (Redis) need :meth:`run`.
+            other. Default: a ``chatcore.redis.RedisBackplane`` on
+            ``$CHATCORE_REDIS_URL`` when that is set (``chatcore serve
+            --redis-url`` sets it), else :class:`~chatcore.LocalBackplane`, in
+            process. Backplanes with background work (Redis) need :meth:`run`.
     """
 
     def __init__(
@@ -415,7 +418,7 @@ class Hub(ConnectionHandler):
         #: Bounds of every connection served for this hub.
         self.connection_config: Config = connection_config or Config()
         #: The backplane: rooms' order and history, and the other hubs.
-        self.backplane: Backplane = backplane or LocalBackplane()
+        self.backplane: Backplane = backplane or _default_backplane()
         self.backplane.attach(self)
         self._authenticate = authenticate
         self._on_connect = on_connect
@@ -622,7 +625,8 @@ class Hub(ConnectionHandler):
         every node.
 
         Raises:
-            BackplaneError: the backplane is unavailable.
+            BackplaneError: the backplane is unavailable (this node's own
+                connections were already served; other nodes were not).
         """
         encoded = encode(message, delivery=delivery, key=key)
         await self.backplane.broadcast(room, encoded, exclude.id if exclude else None)
@@ -638,7 +642,8 @@ class Hub(ConnectionHandler):
         """Send a message to every connection of ``user``, on every node.
 
         Raises:
-            BackplaneError: the backplane is unavailable.
+            BackplaneError: the backplane is unavailable (this node's own
+                connections were already served; other nodes were not).
         """
         await self.backplane.send_to_user(user, encode(message, delivery=delivery, key=key))
 
@@ -659,7 +664,8 @@ class Hub(ConnectionHandler):
         """Close every connection of ``user`` on every node (default 4002, kicked).
 
         Raises:
-            BackplaneError: the backplane is unavailable.
+            BackplaneError: the backplane is unavailable (this node's own
+                connections were already served; other nodes were not).
         """
         await self.backplane.disconnect_user(user, code, reason)
 
@@ -823,11 +829,11 @@ class Hub(ConnectionHandler):
             room._pending[item.offset] = item
             return
         if item.epoch != room.epoch:
-            # The room's order was lost and began anew elsewhere.
-            logger.warning("room %s: epoch changed %s -> %s", room.name, room.epoch, item.epoch)
-            room.epoch = item.epoch
-            room.offset = item.offset - 1
-            room._pending.clear()
+            # The room's order was lost and began anew: members here cannot be
+            # brought up to date message by message; they must recover.
+            self._answer_publisher(item)
+            self._lost_order(room, Position(item.epoch, item.offset))
+            return
         if item.offset <= room.offset:
             self._answer_publisher(item)
             return
@@ -963,6 +969,13 @@ class Hub(ConnectionHandler):
             deadline = self._presence.next_deadline()
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await self._presence_wakeup.park()
+
+    def _resync(self) -> None:
+        """The backplane reconnected: bus messages may have been lost, so
+        re-announce this node's presence and ask the others for theirs."""
+        if self.config.presence:
+            self._announce_all()
+            self._announce({"op": "sync"})
 
     def _room_reset(self, room: str) -> None:
         if room in self._rooms:
@@ -1346,3 +1359,13 @@ def _outbox_busy(connection: Connection) -> bool:
 def _meta_json(meta: PresenceMeta) -> dict[str, Any]:
     """What clients see of a presence meta: the connection id and the app's data."""
     return {**meta.data, "connection_id": meta.connection_id}
+
+
+def _default_backplane() -> Backplane:
+    """Redis when ``CHATCORE_REDIS_URL`` is set, else in process."""
+    url = os.environ.get("CHATCORE_REDIS_URL")
+    if not url:
+        return LocalBackplane()
+    from .redis import RedisBackplane  # needs the ``chatcore[redis]`` extra
+
+    return RedisBackplane(url)
