@@ -512,6 +512,13 @@ class Connection:
 
     # -- the tasks of an open connection -------------------------------------
 
+    def _peer_gone(self, exc: PeerGone) -> None:
+        """Record the peer's close (its code) or its disappearance (1006)."""
+        if exc.code is None:
+            self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
+        else:
+            self._request_close(exc.code, exc.reason, CloseCause.PEER)
+
     async def _reader(self) -> None:
         limit = self.config.max_message_bytes
         send = self._inbox_send.send
@@ -519,10 +526,7 @@ class Connection:
             try:
                 message = await self._transport.receive()
             except PeerGone as exc:
-                if exc.code is None:
-                    self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
-                else:
-                    self._request_close(exc.code, exc.reason, CloseCause.PEER)
+                self._peer_gone(exc)
                 return
             except RemoteProtocolError as exc:
                 self._request_close(exc.code, str(exc), CloseCause.PROTOCOL)
@@ -566,10 +570,7 @@ class Connection:
                         await transport.send(frame)
                     except PeerGone as exc:
                         # The send can see the peer's close before the reader does.
-                        if exc.code is None:
-                            self._request_close(1006, "connection lost", CloseCause.TRANSPORT)
-                        else:
-                            self._request_close(exc.code, exc.reason, CloseCause.PEER)
+                        self._peer_gone(exc)
                         return
                     finally:
                         self._send_scope = None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import abc
 
-from .sansio import HandshakeRequest
+from .sansio import HandshakeRequest, LocalProtocolError
 
 __all__ = ["MessageStream"]
 
@@ -31,6 +31,19 @@ class MessageStream(abc.ABC):
 
     #: The client's handshake.
     request: HandshakeRequest
+    #: True once :meth:`accept` or :meth:`reject` was called.
+    _answered: bool = False
+
+    def _answer(self) -> None:
+        """Claim the one answer to the handshake; implementations call it first.
+
+        Raises:
+            LocalProtocolError: the handshake was already answered (accepting
+                after a refusal kills trio-websocket's server, for one).
+        """
+        if self._answered:
+            raise LocalProtocolError("the handshake was already answered")
+        self._answered = True
 
     @abc.abstractmethod
     async def accept(

@@ -249,11 +249,6 @@ class ASGIStream(MessageStream):
         """True once the server reported ``websocket.disconnect`` (the link is gone)."""
         return self._disconnected
 
-    def _answer(self) -> None:
-        if self._answered:
-            raise LocalProtocolError("the handshake was already answered")
-        self._answered = True
-
     async def _send_event(self, message: ASGIMessage) -> None:
         """Send one ASGI event; any server error means the link is gone (Rule 3)."""
         done = False

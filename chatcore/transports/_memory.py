@@ -16,7 +16,7 @@ from collections import deque
 import attrs
 import trio
 
-from .._exceptions import HandshakeRejected, LocalProtocolError, PeerGone
+from .._exceptions import HandshakeRejected, PeerGone
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest
 
@@ -134,11 +134,6 @@ class MemoryStream(MessageStream):
         self._close_sent = False
         # The peer's close frame arrived (its code/reason), or None.
         self._peer_close: CloseFrame | None = None
-
-    def _answer(self) -> None:
-        if self._answered:
-            raise LocalProtocolError("the handshake was already answered")
-        self._answered = True
 
     async def accept(
         self, *, subprotocol: str | None = None, headers: tuple[tuple[str, str], ...] = ()

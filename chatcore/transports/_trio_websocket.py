@@ -325,11 +325,6 @@ class TrioWebSocketStream(MessageStream):
 
     # -- handshake -------------------------------------------------------------
 
-    def _answer(self) -> None:
-        if self._answered:
-            raise LocalProtocolError("the handshake was already answered")
-        self._answered = True
-
     async def accept(
         self, *, subprotocol: str | None = None, headers: tuple[tuple[str, str], ...] = ()
     ) -> None:
