@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         "a Hub without an explicit backplane reads; needs the chatcore[redis] extra)",
     )
     serve.add_argument(
+        "--unready-when-degraded",
+        action="store_true",
+        help="answer the health check with 503 while the backplane (Redis) is unreachable",
+    )
+    serve.add_argument(
         "--drain-grace",
         type=_seconds,
         default=_serve.DEFAULT_DRAIN_GRACE,
@@ -225,6 +230,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         "--compression" if args.compression else "--no-compression",
         "--access-log" if args.access_log else "--no-access-log",
         "--gc-tuning" if args.gc_tuning else "--no-gc-tuning",
+        *(["--unready-when-degraded"] if args.unready_when_degraded else []),
         "--log-level",
         args.log_level,
     ]
@@ -243,6 +249,8 @@ def _serve_command(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
     )
+    if args.unready_when_degraded:
+        app.unready_when_degraded = True
     try:
         _serve.set_compression(args.compression)
     except RuntimeError as exc:

@@ -879,10 +879,20 @@ class Hub(ConnectionHandler):
 
     def _presence_event(self, node: str, event: dict[str, Any]) -> None:
         """Apply another node's presence change (malformed events are logged and ignored)."""
+        if not self.config.presence:
+            return  # off here: nothing is tracked or sent, whatever other nodes do
         try:
             op = event["op"]
             if op == "sync":
                 self._announce_all()
+            elif op == "state":
+                # The node's whole state follows: forget what we knew of it
+                # (a leave we missed must not linger). Its users enter the
+                # grace window; the joins that follow bring back, silently,
+                # those still there.
+                now = trio.current_time()
+                if node != self._presence.node and self._presence.drop_node(node, now) is not None:
+                    self._presence_wakeup.unpark_all()
             elif op == "join":
                 meta = PresenceMeta(
                     str(event["connection_id"]),
@@ -905,6 +915,8 @@ class Hub(ConnectionHandler):
             logger.warning("ignoring a presence event from node %s: %r (%s)", node, event, exc)
 
     def _node_down(self, node: str) -> None:
+        if not self.config.presence:
+            return
         if node != self._presence.node and self._presence.drop_node(node, trio.current_time()):
             self._presence_wakeup.unpark_all()
 
@@ -940,6 +952,7 @@ class Hub(ConnectionHandler):
         self._presence_wakeup.unpark_all()
 
     def _announce_all(self) -> None:
+        self._announce({"op": "state"})  # what follows is all this node has
         for room, user, meta in self._presence.connections(self._presence.node):
             self._announce(
                 {

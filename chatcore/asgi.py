@@ -86,16 +86,18 @@ class Health:
         connections: Open connections of this process.
         rooms: Rooms with at least one member (0 for a plain handler).
         draining: True once a drain started: new handshakes get 503.
+        ready: False while draining (and, if the app is configured so, while
+            degraded): a load balancer should stop routing here (HTTP 503).
     """
 
     status: str
     connections: int
     rooms: int
     draining: bool
+    ready: bool = attrs.field()
 
-    @property
-    def ready(self) -> bool:
-        """False while draining: a load balancer should stop routing here."""
+    @ready.default
+    def _ready_unless_draining(self) -> bool:
         return not self.draining
 
 
@@ -142,6 +144,9 @@ class ASGIApp:
         linger: Seconds a finished connection waits for the server's
             ``websocket.disconnect`` before the application returns (returning
             earlier can crash hypercorn; see :mod:`chatcore.transports._asgi`).
+        unready_when_degraded: Report not ready (503) while the backplane is
+            degraded, so a load balancer sends new clients to healthy nodes.
+            Off by default: open connections keep working during an outage.
 
     Raises:
         TypeError: ``handler`` is not a :class:`~chatcore.ConnectionHandler`.
@@ -158,6 +163,7 @@ class ASGIApp:
         config: Config | None = None,
         retry_after: int | None = None,
         linger: float = LINGER,
+        unready_when_degraded: bool = False,
     ) -> None:
         if not isinstance(handler, ConnectionHandler):
             raise TypeError(f"{handler!r} is not a chatcore ConnectionHandler")
@@ -174,6 +180,8 @@ class ASGIApp:
         self.health_path = health_path
         #: Seconds to wait for the server's disconnect after a connection ended.
         self.linger = linger
+        #: Whether a degraded backplane makes the health endpoint answer 503.
+        self.unready_when_degraded = unready_when_degraded
         self._config = config
         self._default_config = Config()
         self._retry_after = retry_after
@@ -284,6 +292,7 @@ class ASGIApp:
             connections=connections,
             rooms=rooms,
             draining=draining,
+            ready=not draining and not (degraded and self.unready_when_degraded),
         )
 
     # -- ASGI ------------------------------------------------------------------

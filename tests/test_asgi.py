@@ -630,6 +630,26 @@ async def test_health_reports_a_degraded_backplane() -> None:
     assert (status, json.loads(body)["status"]) == (503, "draining")
 
 
+async def test_health_can_report_not_ready_while_degraded() -> None:
+    class Unreachable(LocalBackplane):
+        down = True
+
+        @property
+        def degraded(self) -> bool:
+            return self.down
+
+    backplane = Unreachable()
+    app = ASGIApp(
+        Hub(backplane=backplane, connection_config=TEST_CONFIG), unready_when_degraded=True
+    )
+    status, _, body = await call_http(app, "/healthz")
+    assert (status, json.loads(body)["status"]) == (503, "degraded")
+    assert not app.health().ready
+    backplane.down = False
+    status, _, body = await call_http(app, "/healthz")
+    assert (status, json.loads(body)["status"]) == (200, "ok")
+
+
 async def test_unknown_scope_type() -> None:
     with pytest.raises(ValueError, match="unsupported"):
         await ASGIApp(Scripted())({"type": "webtransport"}, never_receive, failing_send(OSError()))
