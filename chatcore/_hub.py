@@ -447,6 +447,9 @@ class Hub(ConnectionHandler):
         self._presence_serials = itertools.count(1)
         # Presence changes of local connections, for run() to tell other nodes.
         self._announcements: deque[dict[str, Any]] = deque(maxlen=100_000)
+        # node -> its (room, connection id) not re-announced yet since its
+        # "state" began: dropped at its "state_end" (_presence_event).
+        self._unconfirmed: dict[str, set[tuple[str, str]]] = {}
         self._presence_wakeup = trio.lowlevel.ParkingLot()
         # Handshake reservations (accepted, not yet closed): for the limits.
         self._reserved_total = 0
@@ -886,13 +889,17 @@ class Hub(ConnectionHandler):
             if op == "sync":
                 self._announce_all()
             elif op == "state":
-                # The node's whole state follows: forget what we knew of it
-                # (a leave we missed must not linger). Its users enter the
-                # grace window; the joins that follow bring back, silently,
-                # those still there.
+                # The node re-announces all it has, up to "state_end". What we
+                # hold of it and it does not confirm by then (a leave we
+                # missed: the bus is not stored) then leaves, after the grace.
+                self._unconfirmed[node] = {
+                    (room, meta.connection_id) for room, _, meta in self._presence.connections(node)
+                }
+            elif op == "state_end":
                 now = trio.current_time()
-                if node != self._presence.node and self._presence.drop_node(node, now) is not None:
-                    self._presence_wakeup.unpark_all()
+                for room, connection_id in self._unconfirmed.pop(node, ()):
+                    if self._presence.apply_remote_leave(room, node, connection_id, now):
+                        self._presence_wakeup.unpark_all()
             elif op == "join":
                 meta = PresenceMeta(
                     str(event["connection_id"]),
@@ -900,9 +907,9 @@ class Hub(ConnectionHandler):
                     float(event["joined_at"]),
                     event.get("data") or None,
                 )
-                diff = self._presence.apply_remote_join(
-                    str(event["room"]), str(event["user"]), meta
-                )
+                room = str(event["room"])
+                diff = self._presence.apply_remote_join(room, str(event["user"]), meta)
+                self._unconfirmed.get(node, set()).discard((room, meta.connection_id))
                 if diff is not None:
                     self._emit_presence(diff)
             elif op == "leave":
@@ -917,6 +924,7 @@ class Hub(ConnectionHandler):
     def _node_down(self, node: str) -> None:
         if not self.config.presence:
             return
+        self._unconfirmed.pop(node, None)
         if node != self._presence.node and self._presence.drop_node(node, trio.current_time()):
             self._presence_wakeup.unpark_all()
 
@@ -952,7 +960,8 @@ class Hub(ConnectionHandler):
         self._presence_wakeup.unpark_all()
 
     def _announce_all(self) -> None:
-        self._announce({"op": "state"})  # what follows is all this node has
+        # Between "state" and "state_end": all this node has (see _presence_event).
+        self._announce({"op": "state"})
         for room, user, meta in self._presence.connections(self._presence.node):
             self._announce(
                 {
@@ -964,6 +973,7 @@ class Hub(ConnectionHandler):
                     "data": dict(meta.data),
                 }
             )
+        self._announce({"op": "state_end"})
 
     async def _presence_loop(self) -> None:
         """Publish leaves whose grace passed; tell other nodes about local changes."""

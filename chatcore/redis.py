@@ -1182,9 +1182,8 @@ class RedisBackplane(Backplane):
             if self._sessions > 1:
                 # Bus messages (presence, directed) sent while this node was
                 # away are gone, and peers may have dropped its connections
-                # (lease expiry). A hub with ``_resync`` (a proposed
-                # BackplaneSink addition) re-announces its presence and asks
-                # the others for theirs.
+                # (lease expiry). The hub's ``_resync`` (BackplaneSink)
+                # re-announces its presence and asks the others for theirs.
                 resync = getattr(self._sink, "_resync", None)
                 if resync is not None:
                     self._call_sink("_resync")
