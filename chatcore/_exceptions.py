@@ -10,7 +10,11 @@ to raise::
     │   ├── LocalProtocolError    our own code broke the rules (a bug)
     │   └── RemoteProtocolError   the peer broke the protocol; carries a close code
     ├── PeerGone              (transports only) the peer or the link is gone
-    └── HandshakeRejected     (clients/tests) the server refused the handshake
+    ├── BackplaneError        the backplane (Redis) cannot do it now  [_backplane]
+    ├── ErrorReply            raised by app hooks to answer with an error  [_hub]
+    ├── HandshakeRejected     (clients/tests) the server refused the handshake
+    └── RequestFailed         (tests) an error reply to a test client's request
+                              [chatcore.testing]
 
 Library exceptions (trio-websocket, wsproto, hypercorn, OS errors) are
 translated at the transport boundary and never reach application code.

@@ -83,7 +83,7 @@ from chatcore import (
     serve_connection,
 )
 from chatcore.sansio import AppMessage
-from chatcore.testing import ReplyError, TestClient, open_test_client, open_test_clients
+from chatcore.testing import RequestFailed, TestClient, open_test_client, open_test_clients
 from chatcore.transports import CloseFrame, MemoryClient, TextFrame, memory_stream_pair
 
 # -- helpers -------------------------------------------------------------------
@@ -457,7 +457,7 @@ async def test_leave_then_publish_is_not_joined(autojump_clock: trio.abc.Clock) 
         await alice.join("lobby")
         await bob.join("lobby")
         await alice.leave("lobby")
-        with pytest.raises(ReplyError) as info:
+        with pytest.raises(RequestFailed) as info:
             await alice.publish("lobby", "hello?")
         assert info.value.code == "not_joined"
         await bob.assert_nothing_received()  # nothing was published
@@ -475,7 +475,7 @@ async def test_max_rooms_per_connection(autojump_clock: trio.abc.Clock) -> None:
     async with open_test_client(hub, user="alice") as alice:
         await alice.join("a")
         await alice.join("b")
-        with pytest.raises(ReplyError) as info:
+        with pytest.raises(RequestFailed) as info:
             await alice.join("c")
         assert info.value.code == "too_many_rooms"
         assert hub.room("c") is None
@@ -497,13 +497,13 @@ async def test_authorize_join_false_is_forbidden(autojump_clock: trio.abc.Clock)
 
     hub = make_hub(authorize_join=authorize_join)
     async with open_test_clients(hub, ["alice", "root"]) as (alice, root):
-        with pytest.raises(ReplyError) as info:
+        with pytest.raises(RequestFailed) as info:
             await alice.join("admin:ops")
         assert info.value.code == "forbidden"
         assert hub.room("admin:ops") is None
         await root.join("admin:ops")
         await alice.join("lobby")
-        with pytest.raises(ReplyError):
+        with pytest.raises(RequestFailed):
             await alice.publish("admin:ops", "let me in")
         await root.assert_nothing_received()
     assert asked == [("alice", "admin:ops"), ("root", "admin:ops"), ("alice", "lobby")]
@@ -718,14 +718,14 @@ async def test_rate_limit_burst_then_refill(autojump_clock: trio.abc.Clock) -> N
         start = trio.current_time()
         for n in range(1, 41):  # the burst
             assert await alice.publish("r", n) == n
-        with pytest.raises(ReplyError) as info:
+        with pytest.raises(RequestFailed) as info:
             await alice.publish("r", "too fast")
         assert info.value.code == "rate_limited"
         assert trio.current_time() == start  # no refill happened meanwhile
         await trio.sleep(0.5)  # 20/s: ten tokens
         for n in range(41, 51):
             assert await alice.publish("r", n) == n
-        with pytest.raises(ReplyError) as info:
+        with pytest.raises(RequestFailed) as info:
             await alice.publish("r", "too fast")
         assert info.value.code == "rate_limited"
         await trio.sleep(10)  # refills to the burst, not beyond

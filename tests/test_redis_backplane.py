@@ -28,7 +28,7 @@ from chatcore._backplane import BackplaneError, HistoryConfig, Sequenced
 from chatcore.redis import RedisBackplane
 from chatcore.sansio import Delivery, HandshakeRequest, OutboundMessage, Reject, encode
 from chatcore.sansio._protocol import encode_message
-from chatcore.testing import ReplyError, TestClient, open_test_client
+from chatcore.testing import RequestFailed, TestClient, open_test_client
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -941,7 +941,7 @@ async def test_hub_answers_unavailable_and_keeps_connections_during_an_outage(
             await read_messages(b, "r", 1)
             await redis_server.crash()
             await eventually(lambda: h0.backplane.degraded and h1.backplane.degraded)
-            with pytest.raises(ReplyError) as info:
+            with pytest.raises(RequestFailed) as info:
                 await a.publish("r", "during")
             assert info.value.code == "unavailable"
             await b.ping()  # connections stay up

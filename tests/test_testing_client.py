@@ -28,7 +28,7 @@ from chatcore import (
     OutboundMessage,
     Reject,
 )
-from chatcore.testing import ReplyError, TestClient, open_test_client, open_test_clients
+from chatcore.testing import RequestFailed, TestClient, open_test_client, open_test_clients
 from chatcore.transports import CloseFrame, TextFrame
 
 
@@ -262,7 +262,7 @@ async def test_join_leave_publish_ping(app: EchoRooms) -> None:
 
 async def test_error_reply_raises_reply_error(app: EchoRooms) -> None:
     async with open_test_client(app, user="alice") as client:
-        with pytest.raises(ReplyError) as info:
+        with pytest.raises(RequestFailed) as info:
             await client.publish("lobby", "hi")
         assert info.value.code == "not_joined"
         assert info.value.message == "join lobby first"

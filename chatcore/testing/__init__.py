@@ -11,7 +11,7 @@
   stream) that can also misbehave on purpose, for tests against a real server.
 """
 
-from ._client import ReplyError as ReplyError
+from ._client import RequestFailed as RequestFailed
 from ._client import TestClient as TestClient
 from ._client import open_test_client as open_test_client
 from ._client import open_test_clients as open_test_clients

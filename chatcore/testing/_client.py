@@ -51,7 +51,7 @@ from .._transport import MessageStream
 from ..sansio import HandshakeRequest
 from ..transports._memory import BinaryFrame, CloseFrame, Frame, MemoryClient, memory_stream_pair
 
-__all__ = ["ReplyError", "TestClient", "open_test_client", "open_test_clients"]
+__all__ = ["RequestFailed", "TestClient", "open_test_client", "open_test_clients"]
 
 #: A decoded protocol message (a JSON object with a string ``type``).
 Message = dict[str, Any]
@@ -69,7 +69,7 @@ _SHOW_MESSAGES = 10
 _SHOW_CHARS = 300
 
 
-class ReplyError(ChatcoreError):
+class RequestFailed(ChatcoreError):
     """The server answered a request with an error ``reply``.
 
     Raised by :meth:`TestClient.join`, :meth:`~TestClient.leave`,
@@ -314,7 +314,7 @@ class TestClient:
             error = reply.get("error")
             if not isinstance(error, dict):
                 error = {}
-            raise ReplyError(str(error.get("code")), str(error.get("message", "")), reply)
+            raise RequestFailed(str(error.get("code")), str(error.get("message", "")), reply)
         return reply.get("data")
 
     async def join(self, room: str, since: Mapping[str, Any] | None = None) -> Any:
@@ -332,7 +332,7 @@ class TestClient:
             ``"recovered"`` when ``since`` was given).
 
         Raises:
-            ReplyError: the server refused (e.g. ``forbidden``).
+            RequestFailed: the server refused (e.g. ``forbidden``).
             AssertionError: no reply within :attr:`timeout`, or the connection closed first.
         """
         fields: dict[str, Any] = {"room": room}
@@ -347,7 +347,7 @@ class TestClient:
             The reply's ``data``.
 
         Raises:
-            ReplyError: the server refused.
+            RequestFailed: the server refused.
             AssertionError: no reply within :attr:`timeout`, or the connection closed first.
         """
         return await self._call("leave", room=room)
@@ -362,7 +362,7 @@ class TestClient:
             The offset the message got in the room's order.
 
         Raises:
-            ReplyError: the server refused (``not_joined``, ``rate_limited``...).
+            RequestFailed: the server refused (``not_joined``, ``rate_limited``...).
             AssertionError: no reply within :attr:`timeout`, the connection closed first, or
                 the reply has no integer ``offset``.
         """
@@ -375,7 +375,7 @@ class TestClient:
         """Send a protocol ``ping`` and wait for the reply (a liveness check).
 
         Raises:
-            ReplyError: the server answered with an error.
+            RequestFailed: the server answered with an error.
             AssertionError: no reply within :attr:`timeout`, or the connection closed first.
         """
         await self._call("ping")
@@ -477,7 +477,7 @@ class TestClient:
 
         ``error`` answers a frame without a usable ``ref`` (e.g. ``bad_json``);
         an error *reply* is checked with :meth:`expect_reply` or
-        :class:`ReplyError`.
+        :class:`RequestFailed`.
 
         Raises:
             AssertionError: as for :meth:`expect`.
