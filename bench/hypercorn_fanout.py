@@ -23,6 +23,9 @@ Usage::
     .venv/bin/python bench/hypercorn_fanout.py --receivers 200 --messages 100 --rounds 1
 
 Everything runs on 127.0.0.1; the server is stopped by PID (SIGTERM).
+
+For chatcore against a raw ASGI broadcast loop on the same hypercorn (CPU per
+delivery, latency), see ``hypercorn_vs_raw.py``.
 """
 
 from __future__ import annotations
