@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 
+from ._config import _positive, _positive_or_none
 from ._exceptions import ChatcoreError
 from .sansio import History, OutboundMessage
 from .sansio._protocol import encode_message
@@ -92,11 +93,6 @@ class Sequenced:
     nonce: str | None = None
 
 
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"HistoryConfig.{attribute.name} must be > 0, got {value!r}")
-
-
 @attrs.frozen
 class HistoryConfig:
     """How much of each room's order is kept for recovery.
@@ -112,8 +108,8 @@ class HistoryConfig:
     """
 
     max_messages: int = attrs.field(default=1_000, validator=_positive)
-    max_age: float | None = attrs.field(default=3_600.0, validator=_positive)
-    max_bytes: int | None = attrs.field(default=1_048_576, validator=_positive)
+    max_age: float | None = attrs.field(default=3_600.0, validator=_positive_or_none)
+    max_bytes: int | None = attrs.field(default=1_048_576, validator=_positive_or_none)
     rooms: int = attrs.field(default=10_000, validator=_positive)
 
 

@@ -9,9 +9,18 @@ import attrs
 __all__ = ["Config"]
 
 
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: float) -> None:
+def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: the value must be > 0 (shared by chatcore's config classes)."""
     if not value > 0:
-        raise ValueError(f"Config.{attribute.name} must be > 0, got {value!r}")
+        raise ValueError(f"{type(instance).__name__}.{attribute.name} must be > 0, got {value!r}")
+
+
+def _positive_or_none(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    """attrs validator: ``None`` (no limit) or a value > 0."""
+    if value is not None and not value > 0:
+        raise ValueError(
+            f"{type(instance).__name__}.{attribute.name} must be > 0 or None, got {value!r}"
+        )
 
 
 @attrs.frozen

@@ -47,7 +47,7 @@ import attrs
 import trio
 
 from ._backplane import Backplane, BackplaneError, LocalBackplane, Position, Sequenced
-from ._config import Config
+from ._config import Config, _positive, _positive_or_none
 from ._connection import Connection, ConnectionHandler
 from ._exceptions import ChatcoreError
 from .sansio import (
@@ -99,16 +99,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("chatcore.hub")
-
-
-def _positive_or_none(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if value is not None and not value > 0:
-        raise ValueError(f"HubConfig.{attribute.name} must be > 0 or None, got {value!r}")
-
-
-def _positive(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not value > 0:
-        raise ValueError(f"HubConfig.{attribute.name} must be > 0, got {value!r}")
 
 
 def _origins(value: Iterable[str] | None) -> frozenset[str] | None:
