@@ -44,6 +44,7 @@ from chatcore import (
     Identity,
     Reject,
     serve_connection,
+    serve_websocket,
 )
 from chatcore.testing import TestClient, WebSocketPeer, open_test_clients
 from chatcore.transports import (
@@ -51,7 +52,6 @@ from chatcore.transports import (
     MemoryClient,
     TextFrame,
     memory_stream_pair,
-    serve_websocket,
 )
 
 # -- helpers -------------------------------------------------------------------

@@ -38,7 +38,7 @@ from chatcore import (
 from chatcore._serve import create_listening_socket, set_compression
 from chatcore.asgi import ASGIApp
 from chatcore.testing import MESSAGE_STREAM_CHECKS, WebSocketPeer, check_message_stream
-from chatcore.transports._asgi import ASGIStream
+from chatcore.transports._asgi_stream import ASGIStream
 
 pytestmark = pytest.mark.slow
 

@@ -23,10 +23,32 @@ import coredis
 import pytest
 import trio
 
-from chatcore import Hub, HubConfig, Identity
-from chatcore._backplane import BackplaneError, HistoryConfig, Sequenced
+from chatcore import (
+    BackplaneError,
+    BackplaneEvent,
+    HistoryConfig,
+    Hub,
+    HubConfig,
+    Identity,
+    NodeDown,
+    Reconnected,
+    RoomReset,
+    Sequenced,
+)
 from chatcore.redis import RedisBackplane
-from chatcore.sansio import Delivery, HandshakeRequest, OutboundMessage, Reject, encode
+from chatcore.sansio import (
+    Delivery,
+    HandshakeRequest,
+    OutboundMessage,
+    PresenceEvent,
+    PresenceLeave,
+    PresenceSync,
+    Reject,
+    RoomBroadcast,
+    UserDisconnect,
+    UserMessage,
+    encode,
+)
 from chatcore.sansio._protocol import encode_message
 from chatcore.testing import RequestFailed, TestClient, open_test_client
 
@@ -51,40 +73,45 @@ FAST: dict[str, Any] = {
 
 @attrs.define
 class FakeSink:
-    """Records what a backplane hands its hub."""
+    """Records what a backplane hands its hub (a :class:`~chatcore.BackplaneSink`).
 
+    ``received`` is every room message as handed over (possibly repeated);
+    ``delivered`` keeps each (room, epoch, offset) once, the first time it
+    arrived, as the hub's sequencer would let it through.
+    """
+
+    received: list[Sequenced] = attrs.Factory(list)
     delivered: list[Sequenced] = attrs.Factory(list)
     to_users: list[tuple[str, OutboundMessage]] = attrs.Factory(list)
     disconnects: list[tuple[str, int, str]] = attrs.Factory(list)
-    presence: list[tuple[str, dict[str, Any]]] = attrs.Factory(list)
+    presence: list[PresenceEvent] = attrs.Factory(list)
     nodes_down: list[str] = attrs.Factory(list)
     resets: list[str] = attrs.Factory(list)
     broadcasts: list[tuple[str, OutboundMessage, str | None]] = attrs.Factory(list)
     resyncs: int = 0
+    _last: dict[tuple[str, str], int] = attrs.Factory(dict)
 
-    def _deliver(self, item: Sequenced) -> None:
-        self.delivered.append(item)
-
-    def _resync(self) -> None:
-        self.resyncs += 1
-
-    def _deliver_to_user(self, user: str, message: OutboundMessage) -> None:
-        self.to_users.append((user, message))
-
-    def _disconnect_user_here(self, user: str, code: int, reason: str) -> None:
-        self.disconnects.append((user, code, reason))
-
-    def _presence_event(self, node: str, event: dict[str, Any]) -> None:
-        self.presence.append((node, event))
-
-    def _node_down(self, node: str) -> None:
-        self.nodes_down.append(node)
-
-    def _room_reset(self, room: str) -> None:
-        self.resets.append(room)
-
-    def _broadcast_here(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
-        self.broadcasts.append((room, message, exclude))
+    def backplane_event(self, event: BackplaneEvent) -> None:
+        if isinstance(event, Sequenced):
+            self.received.append(event)
+            key = (event.room, event.epoch)
+            if event.offset > self._last.get(key, 0):
+                self._last[key] = event.offset
+                self.delivered.append(event)
+        elif isinstance(event, Reconnected):
+            self.resyncs += 1
+        elif isinstance(event, UserMessage):
+            self.to_users.append((event.user, event.message))
+        elif isinstance(event, UserDisconnect):
+            self.disconnects.append((event.user, event.code, event.reason))
+        elif isinstance(event, NodeDown):
+            self.nodes_down.append(event.node)
+        elif isinstance(event, RoomReset):
+            self.resets.append(event.room)
+        elif isinstance(event, RoomBroadcast):
+            self.broadcasts.append((event.room, event.message, event.exclude))
+        else:
+            self.presence.append(event)
 
     def offsets(self, room: str, epoch: str | None = None) -> list[int]:
         return [
@@ -96,15 +123,16 @@ class FakeSink:
 
 @attrs.define
 class FlakySink(FakeSink):
-    """A sink whose first delivery raises (a hub bug)."""
+    """A sink whose first room message raises (a hub bug)."""
 
     calls: int = 0
 
-    def _deliver(self, item: Sequenced) -> None:
-        self.calls += 1
-        if self.calls == 1:
-            raise RuntimeError("a hub bug")
-        super()._deliver(item)
+    def backplane_event(self, event: BackplaneEvent) -> None:
+        if isinstance(event, Sequenced):
+            self.calls += 1
+            if self.calls == 1:
+                raise RuntimeError("a hub bug")
+        super().backplane_event(event)
 
 
 @attrs.define
@@ -381,25 +409,34 @@ async def test_directed_delivery_reaches_every_node_once(redis_server: RedisServ
         message = encode({"type": "note", "text": "ö"}, delivery=Delivery.EPHEMERAL, key="k")
         await a.backplane.send_to_user("alice", message)
         await b.backplane.disconnect_user("bob", 4002, "kicked\nfor good")
-        await c.backplane.publish_presence({"op": "join", "room": "r"})
+        await c.backplane.publish_presence(PresenceLeave("n2", "r", "c1"))
         a.backplane.watch("r")
         b.backplane.watch("r")
         await a.backplane.position("r")
         await b.backplane.position("r")
         typing = encode({"type": "typing"}, delivery=Delivery.EPHEMERAL, key="t")
         await c.backplane.broadcast("r", typing, "conn-1")
+        # A barrier instead of a pause: markers sent after everything else,
+        # on the same channels, by two nodes (a node gets its own directly).
+        marker = encode({"type": "marker"})
+        for sender in (a, c):
+            await sender.backplane.send_to_user("marker", marker)
+            await sender.backplane.broadcast("r", marker, None)
+        for node, broadcast_markers in ((a, 2), (b, 2), (c, 1)):  # c does not watch "r"
+            await eventually(
+                lambda node=node, n=broadcast_markers: (
+                    node.sink.to_users.count(("marker", marker)) == 2
+                    and node.sink.broadcasts.count(("r", marker, None)) == n
+                )
+            )
         for node in nodes:
-            await eventually(lambda node=node: node.sink.to_users and node.sink.disconnects)
-        await eventually(lambda: a.sink.broadcasts and b.sink.broadcasts)
-        await trio.sleep(0.1)  # room for duplicates to show up
-        for node in nodes:
-            assert node.sink.to_users == [("alice", message)]
+            users = [u for u in node.sink.to_users if u != ("marker", marker)]
+            assert users == [("alice", message)]
             assert node.sink.disconnects == [("bob", 4002, "kicked\nfor good")]
-        assert a.sink.presence == b.sink.presence == [("n2", {"op": "join", "room": "r"})]
+            broadcasts = [b for b in node.sink.broadcasts if b != ("r", marker, None)]
+            assert broadcasts == [("r", typing, "conn-1")]
+        assert a.sink.presence == b.sink.presence == [PresenceLeave("n2", "r", "c1")]
         assert c.sink.presence == []  # a node does not hear its own presence
-        assert (
-            a.sink.broadcasts == b.sink.broadcasts == c.sink.broadcasts == [("r", typing, "conn-1")]
-        )
 
 
 async def test_a_dead_node_is_reported_down_once(redis_server: RedisServer) -> None:
@@ -860,7 +897,7 @@ async def test_a_hung_server_is_detected_by_timeouts(redis_server: RedisServer) 
                     lambda: a.position("room"),
                     lambda: a.replay("room", "e", 0, 1),
                     lambda: a.recent("room", 1),
-                    lambda: a.publish_presence({}),
+                    lambda: a.publish_presence(PresenceSync(a.node_id)),
                 ):
                     calls.start_soon(expect_backplane_error, call)
             assert trio.current_time() - started < 1.3

@@ -374,7 +374,7 @@ async def test_a_killed_nodes_users_leave_after_its_lease_and_the_grace(
                 async with client(hubs[1], user) as again:
                     await again.join("r")
                     # The dead node is reported down; its connection is dropped.
-                    await eventually(lambda: all("dead" not in h._presence.nodes for h in hubs))
+                    await eventually(lambda: all("dead" not in h._presence.table.nodes for h in hubs))
                     await trio.sleep(GRACE + 0.3)
                     await view.take(bob)
                     assert len(view.diffs) == 1  # the user's first join only
@@ -488,7 +488,7 @@ async def test_presence_is_the_same_on_every_hub_after_a_redis_restart(
             assert h1.backplane.degraded
             await carol.join("r")
             await carol.expect("presence_state", users=h0.presence("r"))
-            await eventually(lambda: not h0._announcements)
+            await eventually(lambda: not h0._presence.announcements)
             assert h1.backplane.degraded, "hub 1 came back too early to miss anything"
             assert users(h1) == {"alice", "bob"}
             await eventually(lambda: not h1.backplane.degraded, within=5)
@@ -524,7 +524,7 @@ async def test_a_leave_missed_while_away_is_not_kept_forever(redis_server: Redis
                 await eventually(lambda: not h0.backplane.degraded)
                 assert h1.backplane.degraded
             # dave's leave is published where hub 1 cannot hear it.
-            await eventually(lambda: not h0._announcements)
+            await eventually(lambda: not h0._presence.announcements)
             assert h1.backplane.degraded, "hub 1 came back too early to miss anything"
             await eventually(lambda: not h1.backplane.degraded, within=5)
             await eventually(agree(hubs, {"alice", "bob"}), within=GRACE + 2)

@@ -57,6 +57,7 @@ from ._protocol import Ping as Ping
 from ._protocol import Pong as Pong
 from ._protocol import Publish as Publish
 from ._protocol import Since as Since
+from ._protocol import encode_message as encode_message
 from ._protocol import parse_client_message as parse_client_message
 from ._protocol import valid_room as valid_room
 from ._protocol import valid_user as valid_user
