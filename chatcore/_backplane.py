@@ -363,7 +363,7 @@ class LocalBackplane(Backplane):
         """See :meth:`Backplane.replay`."""
         await trio.lowlevel.checkpoint()
         store = self._rooms.get(room)
-        if store is None or store.epoch != epoch:
+        if store is None or store.epoch != epoch or upto > store.history.last_offset:
             return None
         recovery = store.history.since(after, trio.current_time())
         if not recovery.complete:

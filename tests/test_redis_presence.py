@@ -374,7 +374,9 @@ async def test_a_killed_nodes_users_leave_after_its_lease_and_the_grace(
                 async with client(hubs[1], user) as again:
                     await again.join("r")
                     # The dead node is reported down; its connection is dropped.
-                    await eventually(lambda: all("dead" not in h._presence.table.nodes for h in hubs))
+                    await eventually(
+                        lambda: all("dead" not in h._presence.table.nodes for h in hubs)
+                    )
                     await trio.sleep(GRACE + 0.3)
                     await view.take(bob)
                     assert len(view.diffs) == 1  # the user's first join only

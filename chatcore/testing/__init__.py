@@ -1,4 +1,4 @@
-"""Testing helpers for chatcore users: a protocol test client, and the transport conformance suite.
+"""Testing helpers for chatcore users: a protocol test client, and the conformance suites.
 
 * :func:`open_test_client` / :func:`open_test_clients` connect protocol
   clients (:class:`TestClient`) to a handler through the in-memory transport
@@ -7,10 +7,17 @@
   :class:`~chatcore.MessageStream` contract (see ``docs/transports.md``);
   :func:`open_memory_pair` and :func:`open_trio_websocket_pair` make
   ``(server stream, client)`` pairs for the two built-in transports.
+* :func:`check_backplane` checks that a backplane keeps the
+  :class:`~chatcore.Backplane` contract (see ``docs/scale-out.md``), with a
+  :class:`BackplaneRecorder` in place of a hub.
 * :class:`WebSocketPeer` is a small WebSocket client (wsproto over a trio
   stream) that can also misbehave on purpose, for tests against a real server.
 """
 
+from ._backplane_conformance import BACKPLANE_CHECKS as BACKPLANE_CHECKS
+from ._backplane_conformance import BackplaneFactory as BackplaneFactory
+from ._backplane_conformance import BackplaneRecorder as BackplaneRecorder
+from ._backplane_conformance import check_backplane as check_backplane
 from ._client import RequestFailed as RequestFailed
 from ._client import TestClient as TestClient
 from ._client import open_test_client as open_test_client
