@@ -126,6 +126,19 @@ async def eventually(check: Callable[[], object], within: float = 5.0) -> float:
     raise AssertionError(f"not true within {within} s")
 
 
+async def barrier(hubs: list[Hub], *clients: TestClient) -> None:
+    """Instead of a pause before checking that nothing arrived: every hub sends
+    each client a marker on the bus presence events travel on; the markers
+    must be the next messages, so nothing that was sent before them is pending."""
+    for hub in hubs:
+        for member in clients:
+            assert member.user is not None
+            await hub.send_to_user(member.user, {"type": "marker"})
+    for member in clients:
+        for _ in hubs:
+            await member.expect("marker")
+
+
 def meta(client: TestClient, device: str = "web") -> dict[str, Any]:
     return {"device": device, "connection_id": client.connection_id}
 
@@ -249,7 +262,7 @@ async def test_presence_state_and_diffs_cross_hubs(redis_server: RedisServer) ->
             assert trio.current_time() - gone >= GRACE
             await eventually(agree(hubs, {"alice", "carol"}))
             assert h0.online_users() == h1.online_users() == {"alice", "carol"}
-            await trio.sleep(0.2)
+            await barrier(hubs, alice, carol)
             assert alice.messages == carol.messages == []
 
 
@@ -578,6 +591,6 @@ async def test_recovery_on_a_third_hub_of_what_a_second_one_published(
                 assert set(state["users"]) == {"writer", "reader"}
                 assert await writer.publish("r", "six") == 6
                 await again.expect("message", offset=6, data="six")
-                await trio.sleep(0.3)
+                await barrier([h0, h1, h2], again)
                 assert again.messages == []
                 assert [m["type"] for m in writer.messages].count("presence_diff") == 1
