@@ -172,6 +172,30 @@ class Dispatcher:
             connection.offer(item.message)
         self.presence.joined(member, room, backlog)
 
+    async def join_from_server(self, member: Member, name: str) -> bool:
+        """Make ``member`` a member of room ``name`` (``Hub.join``); False if it closed meanwhile.
+
+        Raises:
+            BackplaneError: the room's position could not be read.
+        """
+        if name in member.rooms:
+            await trio.lowlevel.checkpoint()
+            return True
+        registry = self.registry
+        room = registry.open_room(name)
+        room.joining += 1
+        try:
+            await registry.ready(room)
+            if registry.members.get(member.connection.id) is not member:
+                return False
+            # A member before the join is released: the room stays open.
+            registry.add_member(member, room)
+        finally:
+            room.joining -= 1
+            registry.close_room_if_unused(room)
+        self.presence.joined(member, room, outbox_busy(member.connection))
+        return True
+
     def _answer_member(self, member: Member, message: Join) -> None:
         """Answer a join of a room the connection is already in (nothing to replay)."""
         room = member.rooms[message.room]

@@ -21,6 +21,7 @@ from .sansio._protocol import Ref, encode_error, encode_reply, encode_reply_erro
 
 if TYPE_CHECKING:
     from ._hub import Hub
+    from ._hub_config import HubConfig
     from ._rooms import Room
 
 __all__ = ["ErrorReply", "Identity", "Member", "Session", "answer", "answer_error"]
@@ -85,28 +86,17 @@ class Member:
 
     __slots__ = ("abuse", "bad_frames", "bucket", "connection", "rooms", "session")
 
-    def __init__(
-        self,
-        connection: Connection,
-        *,
-        publish_rate: float,
-        publish_burst: int,
-        rate_limit_abuse: int,
-        abuse_window: float,
-        bad_frame_limit: int,
-        bad_frame_window: float,
-        now: float,
-    ) -> None:
+    def __init__(self, connection: Connection, config: HubConfig, now: float) -> None:
         #: The connection.
         self.connection = connection
         #: Rooms it is a member of (by name); changed by the room registry only.
         self.rooms: dict[str, Room] = {}
         #: Publish tokens.
-        self.bucket = TokenBucket(publish_rate, publish_burst, now)
+        self.bucket = TokenBucket(config.publish_rate, config.publish_burst, now)
         #: ``rate_limited`` answers in the abuse window.
-        self.abuse = WindowCounter(rate_limit_abuse, abuse_window)
+        self.abuse = WindowCounter(config.rate_limit_abuse, config.abuse_window)
         #: Bad frames in the bad-frame window.
-        self.bad_frames = WindowCounter(bad_frame_limit, bad_frame_window)
+        self.bad_frames = WindowCounter(config.bad_frame_limit, config.bad_frame_window)
         #: The public face (set by :class:`Session`'s constructor).
         self.session: Session
 
