@@ -5,7 +5,7 @@ Theory of operation
 
 A :class:`Hub` is the :class:`~chatcore.ConnectionHandler` of every
 connection, the :class:`~chatcore.BackplaneSink` of its backplane, and a
-:class:`~chatcore._server.ServedHandler` for servers. It is a facade over
+:class:`~chatcore.ServedHandler` for servers. It is a facade over
 collaborators that hold each other and talk through their public methods
 only::
 
@@ -271,7 +271,7 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         return self._admission.reserved
 
     def health(self) -> HandlerHealth:
-        """A snapshot for health checks (see :class:`~chatcore._server.ServedHandler`)."""
+        """A snapshot for health checks (see :class:`~chatcore.ServedHandler`)."""
         return HandlerHealth(
             connections=len(self._registry.members),
             rooms=len(self._registry.active_rooms()),
