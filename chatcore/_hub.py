@@ -168,6 +168,8 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             authorize_join=authorize_join,
             on_publish=on_publish,
         )
+        # Connections that closed as slow consumers.
+        self._slow_consumer_disconnects = 0
         # Created by drain(): set when the last accepted connection has closed
         # (no reservation left). While it exists, a connection that registers
         # (accepted just before the drain began) is shut down at once.
@@ -448,7 +450,7 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             delivered=registry.delivered,
             dropped=registry.dropped,
             coalesced=registry.coalesced,
-            slow_consumer_disconnects=registry.slow_consumer_disconnects,
+            slow_consumer_disconnects=self._slow_consumer_disconnects,
             rejected_handshakes=self._admission.rejected,
         )
 
@@ -538,9 +540,13 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             self._admission.release(identity.user, client[0] if client else None)
             if self._admission.reserved == 0 and self._drained is not None:
                 self._drained.set()
-        session = connection.scope.get("chatcore.session")
+        record = connection.close_record
+        if record is not None and record.cause is CloseCause.SLOW_CONSUMER:
+            self._slow_consumer_disconnects += 1
+        # The session and the connection refer to each other: part them, so
+        # a closed connection is freed without the cycle collector.
+        session = connection.scope.pop("chatcore.session", None)
         if self._on_disconnect is not None and isinstance(session, Session):
-            record = connection.close_record
             assert record is not None
             self._on_disconnect(session, record)
 
