@@ -238,6 +238,9 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    if args.worker_fd is not None:
+        # Lets an app tell its workers from the server (e.g. to log a notice once).
+        os.environ["CHATCORE_WORKER"] = "1"
     if args.redis_url:
         # Before the target is imported: its Hub picks its backplane from this.
         # Worker processes inherit it.
