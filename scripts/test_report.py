@@ -36,9 +36,10 @@ def main(argv: list[str]) -> int:
             print("CI=true: every test must run here; install what the reasons name.")
             return 1
         packages = sorted({pkg for word, pkg in INSTALL.items() if any(word in r for r in reasons)})
-        print(f"The coverage floor ({floor} %) was not checked: skipped tests leave code unmeasured.")
+        print(f"Coverage floor ({floor} %) not checked: skipped tests leave code unmeasured.")
         if packages:
-            print(f"For the full run: apt-get install {' '.join(packages)}, then scripts/test again.")
+            install = " ".join(packages)
+            print(f"For the full run: apt-get install {install}, then scripts/test again.")
         return 0
     total = subprocess.run(
         [sys.executable, "-m", "coverage", "report", "--format=total", f"--fail-under={floor}"],

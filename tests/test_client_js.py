@@ -14,6 +14,7 @@ from chatcore.asgi import ASGIApp
 from chatcore.static import client_script, client_types
 from tests.test_asgi import call_http
 
+
 async def http_app(scope: Any, receive: Any, send: Any) -> None:
     """An application's own HTTP side: answers every request with 418 and its path."""
     body = scope["path"].encode()

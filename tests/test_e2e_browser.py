@@ -846,8 +846,10 @@ def assert_laid_out(page: Any, width: int) -> None:
     assert page.evaluate("document.documentElement.scrollWidth") <= width
     assert len(boxes) >= 5, boxes
     for box in boxes:
-        assert box["x"] >= 0 and box["x"] + box["w"] <= width, box
-        assert box["w"] > 20 and box["h"] > 10, box
+        assert box["x"] >= 0, box
+        assert box["x"] + box["w"] <= width, box
+        assert box["w"] > 20, box
+        assert box["h"] > 10, box
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
             apart = (
