@@ -60,6 +60,7 @@ import attrs
 import trio
 import trio_websocket
 
+from ._backplane import Position
 from ._exceptions import ChatcoreError, HandshakeRejected
 from .testing._client import RequestFailed
 
@@ -107,14 +108,6 @@ class ConnectionLost(ChatcoreError):
 
 
 # -- events ----------------------------------------------------------------------
-
-
-@attrs.frozen
-class Position:
-    """Where a room's order stands for this client: the last message seen."""
-
-    epoch: str
-    offset: int
 
 
 @attrs.frozen
@@ -274,7 +267,8 @@ class ChatClient:
         self.user: str | None = None
         #: ``connecting``, ``open``, ``reconnecting`` or ``closed``.
         self.status = "connecting"
-        #: Position per joined room, kept across reconnects (rejoined with ``since``).
+        #: Position per joined room (its last message seen), kept across
+        #: reconnects and sent as ``since`` when rejoining.
         self.rooms: dict[str, Position] = {}
         #: Who is present per joined room, from presence events: ``{room: {user: metas}}``.
         self.presence: dict[str, dict[str, Any]] = {}
