@@ -449,6 +449,7 @@ class ChatClient:
         finally:
             self.status = "closed"
             self._events_in.close()
+            self._ready.set()  # waiting requests wake up and see "closed"
 
     async def _connect_and_serve(self) -> tuple[int, str]:
         """One connection attempt; returns how it ended (close code, reason)."""

@@ -125,6 +125,11 @@ async def test_join_publish_with_acknowledgement_and_presence(tmp_path: Path) ->
         await alice.leave("lobby")
         assert "lobby" not in alice.rooms
 
+    # Closed for good when the block ended: requests fail at once.
+    assert alice.status == "closed"
+    with trio.fail_after(1), pytest.raises(ConnectionLost, match="closed"):
+        await alice.publish("lobby", "after the end")
+
 
 async def test_a_wrong_token_is_refused_at_once(tmp_path: Path) -> None:
     async with chat_server(tmp_path) as server:
