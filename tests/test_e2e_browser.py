@@ -42,6 +42,7 @@ from websockets.sync.client import connect
 from examples.chat.token import token_for
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ("tests.redis_server",)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Debian's Chromium, found on PATH (a PATH without it is a machine without it).
@@ -557,11 +558,8 @@ def test_bot_streams_to_the_asker_only(open_page: OpenPage) -> None:
     assert events(bob, "bot") == []
 
 
-def test_pages_reconnect_by_themselves_after_a_restart(
-    open_page: OpenPage, server: ChatServer
-) -> None:
-    from playwright.sync_api import expect
-
+def two_pages_said_before_the_restart(open_page: OpenPage) -> tuple[Any, Any]:
+    """alice and bob in the lobby; alice said "before the restart"; events cleared."""
     alice, bob = open_page("alice"), open_page("bob")
     expect_joined(alice)
     expect_joined(bob)
@@ -569,6 +567,15 @@ def test_pages_reconnect_by_themselves_after_a_restart(
     expect_message(bob, "alice", "before the restart")
     for page in (alice, bob):
         page.evaluate("window.events = []")
+    return alice, bob
+
+
+def test_pages_reconnect_by_themselves_after_a_restart(
+    open_page: OpenPage, server: ChatServer
+) -> None:
+    from playwright.sync_api import expect
+
+    alice, bob = two_pages_said_before_the_restart(open_page)
 
     assert server.stop() == 0, server.log()
     for page in (alice, bob):
@@ -859,3 +866,43 @@ def assert_laid_out(page: Any, width: int) -> None:
                 or b["y"] + b["h"] <= a["y"]
             )
             assert apart, (a, b)
+
+
+def test_with_redis_the_page_keeps_every_message_across_a_restart(
+    open_page: OpenPage, server: ChatServer, redis_server: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    server.stop()  # the same server, on Redis: the room's history outlives the process
+    server.options = ("--redis-url", redis_server.url)
+    server.start()
+    alice, bob = two_pages_said_before_the_restart(open_page)
+
+    assert server.stop() == 0, server.log()
+    server.start()
+    for page in (alice, bob):
+        expect(page.get_by_test_id("status")).to_have_text("open", timeout=RECONNECT_WAIT * 1000)
+        page.wait_for_function(
+            "window.events.some(([name, d]) => name === 'joined' && d.room === 'lobby')"
+        )
+        [joined] = events(page, "joined")
+        assert (joined["recovered"], joined["reset"]) == (True, False), joined
+    say(bob, "after the restart")
+    for page in (alice, bob):
+        expect_texts(page, ["before the restart", "after the restart"])
+        expect(page.get_by_test_id("room-notice")).to_be_hidden()
+        expect(page.get_by_test_id("messages").locator("li.earlier")).to_have_count(0)
+
+
+def test_no_server_at_all_says_so(open_page: OpenPage, server: ChatServer) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page("frank", query="")
+    expect(page.get_by_test_id("login")).to_be_visible()
+    assert server.stop() == 0, server.log()  # the page is loaded; its server is gone
+    sign_in_with_the_form(page, "frank", token_for("frank", SECRET))
+    expect(page.get_by_test_id("login-error")).to_have_text(
+        "Could not sign in: the server is not reachable. Try again in a moment."
+    )
+    expect(page.get_by_test_id("status")).to_have_text("failed")
+    expect(page.locator("#chat")).to_be_hidden()
