@@ -2,7 +2,9 @@
 
 The files come from ``template/`` in this package (the example chat of the
 chatcore repository, with its package name replaced by the user's own), so
-they work from an installed wheel, without a checkout.
+they work from an installed wheel, without a checkout. The page itself,
+``template/static/``, is the one the repository's ``examples/chat/static``
+links to; a test keeps the Python files equal to the example's.
 """
 
 from __future__ import annotations
