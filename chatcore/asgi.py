@@ -45,6 +45,7 @@ from ._config import Config
 from ._connection import Connection, ConnectionHandler
 from ._hub import Hub
 from .sansio import Accept, CloseCause, HandshakeRequest, Reject
+from .static import serve_client_script
 from .transports._asgi import (
     LINGER,
     ASGIMessage,
@@ -152,6 +153,11 @@ class ASGIApp:
         TypeError: ``handler`` is not a :class:`~chatcore.ConnectionHandler`.
         ValueError: ``path`` or ``health_path`` does not start with ``/``.
     """
+
+    #: Where the browser client ``chatcore.js`` is served (GET/HEAD), before
+    #: ``http_app`` sees the request; set it on the instance to move the route,
+    #: or to ``None`` to leave that path to ``http_app``. See docs/client-js.md.
+    client_path: str | None = "/chatcore.js"
 
     def __init__(
         self,
@@ -352,6 +358,8 @@ class ASGIApp:
                 await _respond(send, status, body if method == "GET" else b"", headers, len(body))
             else:
                 await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+        elif self.client_path is not None and scope.get("path") == self.client_path:
+            await serve_client_script(scope, send)  # the browser client, chatcore.js
         elif self.http_app is not None:
             await self.http_app(scope, receive, send)
         else:
