@@ -495,7 +495,7 @@ def run_rounds(
         measured.sort(key=lambda r: r.get(keys[0], 0.0))
         row = dict(measured[len(measured) // 2])
         row["name"] = name
-        row["rounds"] = len(rounds)
+        row["repeats"] = len(rounds)
         row["verified"] = all(r.get("verified") for r in rounds)
         for key in keys:
             values = [r[key] for r in rounds if isinstance(r.get(key), int | float)]

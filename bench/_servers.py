@@ -133,8 +133,8 @@ async def serve_raw_trio_ws() -> None:
                 finally:
                     broadcast.members.pop(key, None)
                     nursery.cancel_scope.cancel()
-        except trio_websocket.ConnectionClosed:
-            pass
+        except* trio_websocket.ConnectionClosed:
+            pass  # the clients reset their connections at the end of a scenario
 
     async with trio.open_nursery() as nursery:
         server = await nursery.start(

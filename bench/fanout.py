@@ -266,7 +266,7 @@ def run_slow(
         "S": small,
         "verified": True,  # the outcome is the row itself
         "readers_closed": report["closed"],
-        "publisher_closed": report["publisher_closed"],
+        "publisher_closed": "yes" if report["publisher_closed"] else "no",
         "readers_with_gaps": report["gapped"],
         "never_reader_closed_s": never_closed[0] if never_closed else None,
         "peak_rss_mib": window.rss_peak / 2**20,
