@@ -531,8 +531,16 @@ def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[tuple[str, st
         "| " + " | ".join(h.ljust(w) for h, w in zip(headings, widths, strict=True)) + " |",
         "|" + "|".join("-" * (w + 2) for w in widths) + "|",
     ]
+    # Text left, numbers right.
+    left = [spec == "s" for _, _, spec in columns]
     lines += [
-        "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in body
+        "| "
+        + " | ".join(
+            c.ljust(w) if is_text else c.rjust(w)
+            for c, w, is_text in zip(r, widths, left, strict=True)
+        )
+        + " |"
+        for r in body
     ]
     return "\n".join(lines)
 

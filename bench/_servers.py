@@ -48,7 +48,14 @@ QUEUE = 16_384
 def message_text(offset: int, data: str) -> str:
     """A room message line, as chatcore's hub encodes it (key order included)."""
     return json.dumps(
-        {"type": "message", "room": ROOM, "offset": offset, "epoch": "00000000", "from": None, "data": data},
+        {
+            "type": "message",
+            "room": ROOM,
+            "offset": offset,
+            "epoch": "00000000",
+            "from": None,
+            "data": data,
+        },
         separators=(",", ":"),
     )
 
