@@ -334,7 +334,7 @@ CHURN_COLUMNS = [
     ("C", "connections/round", "d"),
     ("first_peak_mib", "1st round peak MiB", ".1f"),
     ("last_mib", "after last MiB", ".1f"),
-    ("growth", "last ÷ 1st peak − 1", "+.0%"),
+    ("growth", "last vs 1st peak", "+.0%"),
     ("series", "RSS after each round, MiB", "s"),
 ]
 SLOW_COLUMNS = [
