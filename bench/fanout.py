@@ -75,7 +75,7 @@ def run_fanout(
     measurement window (the profiler's hook).
     """
     deadline = time.monotonic() + timeout
-    with h.running_server(kind) as server:
+    with h.running_server(kind, timeout=timeout) as server:
         clients = h.start_clients(
             server, members, timeout=timeout, messages=messages, publish=messages
         )

@@ -13,8 +13,8 @@ py-spy needs ptrace rights on the server (root, or
 
 Run (from the repository root)::
 
-    .venv/bin/python bench/profile.py --quick
-    .venv/bin/python bench/profile.py --servers chatcore-serve --native --top 25
+    .venv/bin/python bench/profile_server.py --quick
+    .venv/bin/python bench/profile_server.py --servers chatcore-serve --native --top 25
 
 The raw stacks stay in ``--output`` (default ``bench/results/``): one line per
 distinct stack, ``frame;frame;...;frame COUNT``, which ``flamegraph.pl`` or
