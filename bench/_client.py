@@ -19,7 +19,9 @@ Roles (command-line options; connection 0 is the publisher):
   and then never reads again (the slow consumer). Its local port is in the
   ``READY`` line, so the orchestrator can watch the server close it.
 * ``--tolerate-closes``: a connection the server closes is counted
-  (``closed``), not fatal.
+  (``closed``), not fatal; and once publishing started, ``DONE`` also comes
+  when no message arrived for ``--stall`` seconds (``stalled`` in the report:
+  the readers will not get the rest, e.g. the publisher was closed).
 
 Driven over stdin/stdout by the orchestrator (``_harness.Clients``)::
 
@@ -140,6 +142,8 @@ class Clients:
         self.publish_start = 0.0
         self.first_message = 0  # when conn 0 published its first message (GO)
         self.latency_us: list[int] = []
+        self.last_progress = 0.0  # when a message last arrived (or publishing started)
+        self.stalled = False
         self.kernel_time = 0.0
         os.set_blocking(sys.stdin.fileno(), False)
         self.selector.register(sys.stdin.fileno(), selectors.EVENT_READ, None)
@@ -319,6 +323,7 @@ class Clients:
             offsets = [int(raw) for raw in _MESSAGE.findall(payload)]
         if not offsets:
             return
+        self.last_progress = time.monotonic()
         conn.message_frames += 1
         expected = conn.last + 1
         for offset in offsets:
@@ -363,7 +368,7 @@ class Clients:
 
     def go(self) -> None:
         """The publisher starts: everything at once, or paced (``--rate``)."""
-        self.publish_start = time.monotonic()
+        self.publish_start = self.last_progress = time.monotonic()
         if not self.args.rate:
             self.to_publish = self.args.big + self.args.publish
             self.publish_some()
@@ -425,6 +430,7 @@ class Clients:
             "message_frames": sum(c.message_frames for c in readers),
             "errors": sum(c.errors for c in readers),
             "gapped": sum(1 for c in readers if c.errors),
+            "stalled": self.stalled,
             "publisher_closed": bool(readers) and readers[0].state == _CLOSED,
             "never_read_port": never.sock.getsockname()[1] if never else None,
             "latency_us": self.latency_us,
@@ -445,7 +451,17 @@ class Clients:
                 elif self.batch and any(c.batch == self.batch for c in self.conns):
                     self.finish_churn()
             live = args.connections - self.closed
-            if self.announced_ready and not self.announced_done and self.done >= live:
+            if (
+                args.tolerate_closes
+                and self.publish_start
+                and time.monotonic() - self.last_progress > args.stall
+            ):
+                self.stalled = True
+            if (
+                self.announced_ready
+                and not self.announced_done
+                and (self.done >= live or self.stalled)
+            ):
                 self.announced_done = True
                 print("DONE " + json.dumps(self.report()), flush=True)
             left = deadline - time.monotonic()
@@ -489,6 +505,7 @@ def main() -> int:
     p.add_argument("--never-read", action="store_true", help="add one never-reading client")
     p.add_argument("--never-read-rcvbuf", type=int, default=4096)
     p.add_argument("--tolerate-closes", action="store_true")
+    p.add_argument("--stall", type=float, default=5.0, help="see --tolerate-closes")
     p.add_argument("--parallel", type=int, default=200, help="handshakes in flight at once")
     p.add_argument("--timeout", type=float, default=120.0)
     args = p.parse_args()

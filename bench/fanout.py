@@ -19,8 +19,9 @@ count and order. Server CPU and RSS come from ``/proc``. Scenarios
              each round (target: last round within 20 % of the first round's peak).
 ``slow``     readers reading normally + 1 never-reading client (small receive
              buffer); the publisher sends 64 x 64 KB then S x 100 B: readers and
-             publisher closed (target 0), when the never-reading client was
-             closed, peak RSS.
+             publisher closed (target 0), readers that got every message, whether
+             the readers stalled (nothing for 5 s), when the never-reading
+             client was closed, peak RSS.
 
 Run (from the repository root)::
 
@@ -265,6 +266,8 @@ def run_slow(
         "readers": readers,
         "S": small,
         "verified": True,  # the outcome is the row itself
+        "readers_done": report["done"],
+        "stalled": "yes" if report.get("stalled") else "no",
         "readers_closed": report["closed"],
         "publisher_closed": "yes" if report["publisher_closed"] else "no",
         "readers_with_gaps": report["gapped"],
@@ -341,6 +344,8 @@ SLOW_COLUMNS = [
     ("server", "server", "s"),
     ("readers", "readers", "d"),
     ("S", "small msgs", "d"),
+    ("readers_done", "readers with every message", "d"),
+    ("stalled", "stalled", "s"),
     ("readers_closed", "readers closed", "d"),
     ("publisher_closed", "publisher closed", "s"),
     ("readers_with_gaps", "readers with gaps", "d"),
