@@ -287,20 +287,25 @@ def _ratio(rows: list[dict[str, Any]], key: str, baseline: str, column: str) -> 
             row[column] = row[key] / base[key]
 
 
-FANOUT_COLUMNS = [
-    ("server", "server", "s"),
-    ("M", "M", "d"),
-    ("K", "K", "d"),
+Column = tuple[str, str, str]  # (row key, heading, format spec)
+SERVER: list[Column] = [("server", "server", "s")]
+TAIL: list[Column] = [("load1", "load", ".1f"), ("verified", "all in order", "s")]
+CPU: list[Column] = [
     ("cpu_us_per_delivery", "CPU µs/delivery", ".2f"),
     ("cpu_us_per_delivery_spread", "min..max", "s"),
+]
+FANOUT_COLUMNS = [
+    *SERVER,
+    ("M", "M", "d"),
+    ("K", "K", "d"),
+    *CPU,
     ("vs_websockets", "÷ websockets", ".2f"),
     ("frames_per_message", "frames/msg", ".3f"),
     ("deliveries_per_s", "deliveries/s", ",.0f"),
-    ("load1", "load", ".1f"),
-    ("verified", "all in order", "s"),
+    *TAIL,
 ]
 LATENCY_COLUMNS = [
-    ("server", "server", "s"),
+    *SERVER,
     ("R", "receivers", "d"),
     ("p50_ms", "p50 ms", ".2f"),
     ("p99_ms", "p99 ms", ".2f"),
@@ -309,39 +314,37 @@ LATENCY_COLUMNS = [
     ("cpu_percent", "server CPU %", ".0f"),
     ("vs_websockets", "CPU ÷ websockets", ".2f"),
     ("frames_per_message", "frames/msg", ".3f"),
-    ("load1", "load", ".1f"),
-    ("verified", "all in order", "s"),
+    *TAIL,
 ]
 BURST_COLUMNS = [
-    ("server", "server", "s"),
+    *SERVER,
     ("M", "M", "d"),
     ("K", "K", "d"),
-    ("cpu_us_per_delivery", "CPU µs/delivery", ".2f"),
-    ("cpu_us_per_delivery_spread", "min..max", "s"),
+    *CPU,
     ("vs_raw_hypercorn", "÷ raw-hypercorn", ".3f"),
     ("frames_per_message", "frames/msg", ".3f"),
-    ("load1", "load", ".1f"),
-    ("verified", "all in order", "s"),
+    *TAIL,
 ]
 IDLE_COLUMNS = [
-    ("server", "server", "s"),
+    *SERVER,
     ("N", "connections", "d"),
     ("kib_per_connection", "KiB RSS/connection", ".1f"),
     ("kib_per_connection_spread", "min..max", "s"),
     ("rss_mib", "RSS MiB", ".0f"),
-    ("verified", "all joined", "s"),
+    *TAIL,
 ]
 CHURN_COLUMNS = [
-    ("server", "server", "s"),
+    *SERVER,
     ("rounds", "rounds", "d"),
     ("C", "connections/round", "d"),
     ("first_peak_mib", "1st round peak MiB", ".1f"),
     ("last_mib", "after last MiB", ".1f"),
     ("growth", "last vs 1st peak", "+.0%"),
     ("series", "RSS after each round, MiB", "s"),
+    *TAIL,
 ]
 SLOW_COLUMNS = [
-    ("server", "server", "s"),
+    *SERVER,
     ("readers", "readers", "d"),
     ("S", "small msgs", "d"),
     ("readers_done", "readers with every message", "d"),
@@ -352,6 +355,7 @@ SLOW_COLUMNS = [
     ("never_reader_closed_s", "never-reader closed after s", ".2f"),
     ("peak_rss_mib", "peak RSS MiB", ".0f"),
     ("wall_s", "wall s", ".1f"),
+    *TAIL[:1],
 ]
 
 
@@ -399,7 +403,7 @@ def main() -> int:
             for kind in kinds
         ]
 
-    tables: list[tuple[str, list[dict[str, Any]], list[tuple[str, str, str]]]] = []
+    tables: list[tuple[str, list[dict[str, Any]], list[Column]]] = []
     rows: dict[str, list[dict[str, Any]]] = {}
     if "fanout" in args.scenarios:
         m, k = size["fanout_members"], size["fanout_messages"]
