@@ -233,8 +233,15 @@ class ManagedProcess:
                 raise RuntimeError(f"{self.name}: {line[:2000]}")
             self._unclaimed.append(line)
 
-    def expect_json(self, word: str, deadline: float, **kwargs: Any) -> dict[str, Any]:
-        """:meth:`expect`, the rest of the line parsed as JSON."""
+    def expect_json(
+        self, word: str, deadline: float, *, before: str = "", **kwargs: Any
+    ) -> dict[str, Any]:
+        """:meth:`expect`, the rest of the line parsed as JSON.
+
+        With ``before``, that command line is sent first.
+        """
+        if before:
+            self.send(before)
         result: dict[str, Any] = json.loads(self.expect(word, deadline, **kwargs))
         return result
 
@@ -476,7 +483,7 @@ def run_rounds(
                 row = thunk()
             except Exception as exc:  # one failed round must not lose the others
                 print(f"  {name} [{round_ + 1}/{repeat}] FAILED: {exc}", file=sys.stderr)
-                row = {"verified": False, "error": str(exc)[:300]}
+                row = {"verified": False, "error": str(exc)[:300], "failed": name}
             row["load1"] = load
             results[name].append(row)
             summary = ", ".join(

@@ -253,7 +253,12 @@ def run_slow(
                     never_closed.append(time.perf_counter() - window.wall0)
 
             clients.send("GO")
-            report = clients.expect_json("DONE", deadline, tick=tick)
+            try:
+                report = clients.expect_json("DONE", deadline, tick=tick)
+                report["finished"] = True
+            except TimeoutError:  # still delivering: report where it got to
+                report = clients.expect_json("STATUS", time.monotonic() + 30, before="STATUS")
+                report["finished"] = False
             finish = time.monotonic() + linger  # give the never-reading client's close time
             while not never_closed and time.monotonic() < finish:
                 tick()
@@ -266,6 +271,7 @@ def run_slow(
         "readers": readers,
         "S": small,
         "verified": True,  # the outcome is the row itself
+        "finished": "yes" if report["finished"] else "NO (time limit)",
         "readers_done": report["done"],
         "stalled": "yes" if report.get("stalled") else "no",
         "readers_closed": report["closed"],
@@ -347,6 +353,7 @@ SLOW_COLUMNS = [
     *SERVER,
     ("readers", "readers", "d"),
     ("S", "small msgs", "d"),
+    ("finished", "finished", "s"),
     ("readers_done", "readers with every message", "d"),
     ("stalled", "stalled", "s"),
     ("readers_closed", "readers closed", "d"),
@@ -495,8 +502,13 @@ def main() -> int:
         )
 
     for title, table, columns in tables:
+        for row in table:  # a failed round's row still names its server
+            row.setdefault("server", row["name"].split(" ", 1)[1])
         print(f"\n{title}\n")
         print(h.format_table(table, columns))
+        for row in table:
+            if "error" in row:
+                print(f"\n{row['name']} failed: {row['error']}")
     print(
         f"\n{time.monotonic() - started:.0f} s in all; load average now {h.load_average():.2f}; "
         f"rounds: {args.repeat}"
