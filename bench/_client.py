@@ -19,9 +19,10 @@ Roles (command-line options; connection 0 is the publisher):
   and then never reads again (the slow consumer). Its local port is in the
   ``READY`` line, so the orchestrator can watch the server close it.
 * ``--tolerate-closes``: a connection the server closes is counted
-  (``closed``), not fatal; and once publishing started, ``DONE`` also comes
-  when no message arrived for ``--stall`` seconds (``stalled`` in the report:
-  the readers will not get the rest, e.g. the publisher was closed).
+  (``closed``; ``refused`` before it was joined), not fatal; and once
+  publishing started, ``DONE`` also comes when no message arrived for
+  ``--stall`` seconds (``stalled`` in the report: the readers will not get
+  the rest, e.g. the publisher was closed).
 
 Driven over stdin/stdout by the orchestrator (``_harness.Clients``)::
 
@@ -123,7 +124,8 @@ class Clients:
         self.pending = 0  # connections started and not yet ready
         self.ready = 0
         self.done = 0
-        self.closed = 0  # closed by the server (with --tolerate-closes)
+        self.closed = 0  # closed by the server once joined (with --tolerate-closes)
+        self.refused = 0  # closed by the server before it was joined (same)
         self.failed = 0
         self.announced_ready = False
         self.announced_done = False
@@ -203,13 +205,14 @@ class Clients:
     def fail(self, conn: Conn, why: str) -> None:
         if conn.state == _CLOSED:
             return
-        tolerated = self.args.tolerate_closes and conn.state == _READY
-        if tolerated:
-            self.closed += 1
-        else:
-            print(f"client connection failed: {why}", file=sys.stderr)
+        if not self.args.tolerate_closes:
+            print(f"client connection failed (state {conn.state}): {why}", file=sys.stderr)
             conn.errors += 1
             self.failed += 1
+        elif conn.state == _READY:
+            self.closed += 1
+        else:
+            self.refused += 1
         if conn.state < _READY:
             self.pending -= 1
         conn.state = _CLOSED
@@ -426,6 +429,7 @@ class Clients:
             "ready": self.ready,
             "done": self.done,
             "closed": self.closed,
+            "refused": self.refused,
             "messages": sum(c.last for c in readers),
             "message_frames": sum(c.message_frames for c in readers),
             "errors": sum(c.errors for c in readers),
@@ -444,7 +448,7 @@ class Clients:
         deadline = time.monotonic() + args.timeout
         while not self.quit:
             self.open_more()
-            if self.ready == self.wanted and not self.pending:
+            if self.ready + self.refused == self.wanted and not self.pending:
                 if not self.announced_ready:
                     self.announced_ready = True
                     print("READY " + json.dumps(self.report()), flush=True)
