@@ -225,7 +225,8 @@ class HubStatistics:
         delivered: Messages queued into an outbox (room messages and server sends).
         dropped: Ephemeral messages dropped for a full outbox.
         coalesced: Ephemeral messages that replaced a queued one with the same key.
-        slow_consumer_disconnects: Connections closed with 4001 by fan-out.
+        slow_consumer_disconnects: Connections closed as slow consumers (4001:
+            no progress while over budget, past the hard bound, or a stalled send).
         rejected_handshakes: Handshakes refused (401/403/429/503).
     """
 
@@ -805,8 +806,6 @@ class Hub(ConnectionHandler):
                 queued += 1
             elif result is PushResult.DROPPED:
                 self._dropped += 1
-            elif result is PushResult.OVERFLOW:
-                self._slow += 1
         self._delivered += queued
         return queued
 
@@ -1132,9 +1131,13 @@ class Hub(ConnectionHandler):
     def connection_closed(self, connection: Connection) -> None:
         """Release the handshake reservation; run the on_disconnect hook."""
         self._release(connection)
-        session = connection.scope.get("chatcore.session")
+        record = connection.close_record
+        if record is not None and record.cause is CloseCause.SLOW_CONSUMER:
+            self._slow += 1
+        # The session and the connection refer to each other: part them, so
+        # a closed connection is freed without the cycle collector.
+        session = connection.scope.pop("chatcore.session", None)
         if self._on_disconnect is not None and isinstance(session, Session):
-            record = connection.close_record
             assert record is not None
             self._on_disconnect(session, record)
 
