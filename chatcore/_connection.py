@@ -739,19 +739,21 @@ class Connection:
         if self._arbiter.state is not ConnectionState.OPEN:
             return
         cfg = self.config
-        now = beat.due
+        # The clock, not the due time: a busy process may call back late, and
+        # the client's time to answer counts from the ping it actually got.
+        now = trio.current_time()
         if not beat.ping_sent:
             self._seen = False
             self.offer(_PING)
             beat.ping_sent = True
+            beat.pinged_at = now
             self._pacer.schedule(beat, now + cfg.heartbeat_timeout)
         elif not self._seen:
             self._request_close(4000, "heartbeat timeout", CloseCause.HEARTBEAT)
         else:
             # Answered: the next ping is one interval after the last one.
             beat.ping_sent = False
-            pinged = now - cfg.heartbeat_timeout
-            self._pacer.schedule(beat, max(now, pinged + cfg.heartbeat_interval))
+            self._pacer.schedule(beat, max(now, beat.pinged_at + cfg.heartbeat_interval))
 
     # -- the actor -------------------------------------------------------------
 

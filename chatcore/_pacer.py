@@ -92,14 +92,16 @@ class Beat:
             skipped when due).
         due: When the pacer calls the owner back.
         ping_sent: True between a ping and the check of its answer.
+        pinged_at: When the last ping was sent.
     """
 
-    __slots__ = ("due", "owner", "ping_sent")
+    __slots__ = ("due", "owner", "ping_sent", "pinged_at")
 
     def __init__(self, owner: Paced, due: float) -> None:
         self.owner: Paced | None = owner
         self.due = due
         self.ping_sent = False
+        self.pinged_at = due
 
     def __repr__(self) -> str:
         state = "detached" if self.owner is None else ("check" if self.ping_sent else "ping")

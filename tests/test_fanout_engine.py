@@ -26,7 +26,7 @@ from chatcore import (
     encode,
     serve_connection,
 )
-from chatcore._pacer import MAX_PASSES, WATCH_INTERVAL
+from chatcore._pacer import MAX_PASSES, WATCH_INTERVAL, pacer
 from chatcore.testing import open_test_client
 from chatcore.transports import CloseFrame, TextFrame, memory_stream_pair
 
@@ -305,8 +305,6 @@ async def test_the_process_wide_bound_closes_only_connections_over_their_budget(
 async def test_the_process_wide_total_returns_to_zero_when_connections_close(
     connect: Connect, autojump_clock: trio.testing.MockClock
 ) -> None:
-    from chatcore._pacer import pacer
-
     total = pacer().queued
     before = total.nbytes
     served = [await connect(config=burst_config(), capacity=1) for _ in range(3)]
@@ -385,4 +383,27 @@ async def test_a_closed_hub_connection_is_freed_without_the_cycle_collector() ->
             assert [r() for r in refs if r() is not None] == []
         finally:
             gc.enable()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_open_connection_runs_three_tasks(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The actor (which runs ``handle``), the reader and the writer; heartbeats,
+    batched wake-ups and send deadlines are the run's pacer's, shared."""
+    pacer()  # the run's shared tasks exist before counting
+    before = trio.lowlevel.current_statistics().tasks_living
+    clients = []
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            stream, client = memory_stream_pair()
+            clients.append(client)
+            await nursery.start(
+                lambda task_status, s=stream: serve_connection(
+                    s, RecordingHandler(), config=config(), task_status=task_status
+                )
+            )
+            await client.wait_accepted()
+        await trio.testing.wait_all_tasks_blocked()
+        assert trio.lowlevel.current_statistics().tasks_living - before == 10 * 3
         nursery.cancel_scope.cancel()
