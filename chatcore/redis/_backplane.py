@@ -859,7 +859,7 @@ class RedisBackplane(Backplane):
             self._sessions += 1
             if self._degraded_since is not None:
                 logger.info(
-                    "%s: connected to Redis (%.3f s degraded)",
+                    "%s: connected to Redis again after %.3f s without it",
                     self.node_id,
                     trio.current_time() - self._degraded_since,
                 )
