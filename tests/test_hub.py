@@ -6,8 +6,8 @@ client must misbehave) on Trio's virtual clock, and asserts what a client can
 observe: the frames it received, close codes, HTTP refusals, and what the
 registry holds (``hub.statistics()``, ``hub.sessions()``, ``hub.room()``).
 
-Where each documented code of PROTOCOL.md is produced
------------------------------------------------------
+Where each documented code of docs/protocol.md is produced
+----------------------------------------------------------
 
 Handshake refusals (HTTP status):
 

@@ -1,6 +1,6 @@
 """Fan-out: per-room order, bursts, slow consumers, batching.
 
-Invariant 6 (DESIGN.md): the hub never waits on a client. A room message is
+The hub never waits on a client (docs/design.md). A room message is
 encoded once and offered to every member's bounded outbox; the writer drains
 everything queued into one frame. These tests check the consequences a client
 can observe:

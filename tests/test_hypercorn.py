@@ -1,6 +1,6 @@
 """chatcore on a real hypercorn (trio worker, in process) on 127.0.0.1.
 
-Each hypercorn trap from DESIGN.md has a test here that fails without
+Each hypercorn trap listed in docs/design.md has a test here that fails without
 chatcore's handling of it; the in-memory versions are in ``test_asgi.py``, the
 ``chatcore serve`` process (signals, drain, workers) in ``test_serve_cli.py``.
 """

@@ -1,7 +1,7 @@
 """chatcore.testing.TestClient against a small protocol-speaking handler.
 
 The Hub is tested with this client elsewhere; here the server side is
-``EchoRooms``, a few lines of PROTOCOL.md, so these tests pin down the client
+``EchoRooms``, a few lines of docs/protocol.md, so these tests pin down the client
 itself: hello, ref matching, JSON Lines, pings, failure messages, timeouts on
 virtual time, close handling and clean-up.
 """

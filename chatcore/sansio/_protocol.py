@@ -78,7 +78,7 @@ def valid_user(name: object) -> bool:
 
 
 class ErrorCode:
-    """The documented ``error.code`` values (PROTOCOL.md)."""
+    """The documented ``error.code`` values (docs/protocol.md)."""
 
     BAD_JSON = "bad_json"
     BAD_MESSAGE = "bad_message"

@@ -13,9 +13,9 @@ turns one ``websocket`` scope into a :class:`ASGIStream` (the scope's dicts are
 converted into a :class:`~chatcore.sansio.HandshakeRequest` here, and nothing
 past this module sees a dict) and runs chatcore's connection actor on it.
 
-hypercorn's behaviour forces the following rules. Each is a trap we measured
-(DESIGN.md, "Traps found in the libraries we wrap"); docs/deploy.md lists them
-for users with what chatcore does about each.
+hypercorn's behaviour forces the following rules. Each is a trap we measured;
+docs/deploy.md lists them for users with what chatcore does about each, and
+docs/design.md maps every trap to the test that proves its handling.
 
 Rule 1: **the application never returns while the client may still be
 talking.** If the ASGI application finishes (returns, raises, even after
