@@ -181,10 +181,24 @@ async def test_conformance_on_hypercorn(check: str) -> None:
 async def test_close_race_never_crashes_the_server(caplog: pytest.LogCaptureFixture) -> None:
     """The client's close frame arrives while the server closes or the handler crashes.
 
-    hypercorn's reader answers the close while the application finishes; an
-    application that returns then (or lets an exception out) makes both
-    tasks use the socket and ``trio.BusyResourceError`` kills the server. 300
-    connections race that way; the server must survive all of them.
+    What this proves: 300 connections whose client close frame (or a TCP
+    reset, every fourth) crosses a server close, a kick or a handler crash,
+    on a real hypercorn 0.18 trio worker, leave the server serving, make
+    hypercorn log no error (a handler crash never reaches it as an
+    application error), and each get exactly one recorded close.
+
+    What it does not prove: that the final linger and the guard that keeps
+    exceptions inside the application are needed *on hypercorn 0.18*. That
+    version catches ``trio.BusyResourceError`` in its own close path
+    (``TCPServer._close``), and a raw ASGI application that returns right
+    after its ``websocket.close``, returns without one, or raises, survived
+    1,800 such races when measured (30 servers x 20 connections x 3 modes;
+    the raising one only gets "Error in ASGI Framework" logged). With both
+    protections removed this test still passes. They stay for the servers
+    and versions that do crash, and are proven in memory against hypercorn's
+    ASGI behaviour: ``test_asgi.py::test_app_lingers_boundedly`` and
+    ``test_linger_ends_at_the_disconnect`` (the linger happens and is
+    bounded), ``test_an_internal_error_is_contained`` (nothing escapes).
     """
     caplog.set_level(logging.CRITICAL, logger="chatcore.connection")  # the expected crashes
     handler = Recording()
