@@ -676,12 +676,12 @@ async def test_unknown_scope_type() -> None:
 
 
 def test_constructor_validation() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="not a chatcore ConnectionHandler"):
         ASGIApp(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="path"):
         ASGIApp(Scripted(), path="ws")
     app = ASGIApp(Scripted())
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expected a chatcore.Config"):
         app.config = {}  # type: ignore[assignment]
     app.config = TEST_CONFIG
     assert app.config is TEST_CONFIG
