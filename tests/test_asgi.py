@@ -681,7 +681,7 @@ def test_constructor_validation() -> None:
     with pytest.raises(ValueError, match="path"):
         ASGIApp(Scripted(), path="ws")
     app = ASGIApp(Scripted())
-    with pytest.raises(TypeError, match="expected a chatcore.Config"):
+    with pytest.raises(TypeError, match=r"expected a chatcore\.Config"):
         app.config = {}  # type: ignore[assignment]
     app.config = TEST_CONFIG
     assert app.config is TEST_CONFIG

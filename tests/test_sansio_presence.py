@@ -49,7 +49,7 @@ def test_diff_is_read_only() -> None:
 def test_bad_arguments_are_refused(node: str, grace: float) -> None:
     with pytest.raises(ValueError, match="^node" if node == "" else "^grace"):
         PresenceTable(node, grace)
-    with pytest.raises(ValueError, match="^grace must be >= 0 and finite, got nan"):
+    with pytest.raises(ValueError, match=r"^grace must be >= 0 and finite, got nan"):
         PresenceTable("A", float("nan"))
 
 
