@@ -1,14 +1,24 @@
-"""Testing helpers for chatcore users: a protocol test client, and the transport conformance suite.
+"""Testing helpers: the test client for applications, and the transport conformance suite.
+
+For applications (see ``docs/testing.md``):
 
 * :func:`open_test_client` / :func:`open_test_clients` connect protocol
-  clients (:class:`TestClient`) to a handler through the in-memory transport
-  (see ``docs/testing.md``).
+  clients (:class:`TestClient`) to a handler in memory, or to a running
+  server over a real WebSocket (given a ``ws://`` URL).
+* :class:`RequestFailed` is what a refused request raises.
+
+For transports (see ``docs/transports.md``):
+
 * :func:`check_message_stream` checks that a transport keeps the
-  :class:`~chatcore.MessageStream` contract (see ``docs/transports.md``);
-  :func:`open_memory_pair` and :func:`open_trio_websocket_pair` make
-  ``(server stream, client)`` pairs for the two built-in transports.
-* :class:`WebSocketPeer` is a small WebSocket client (wsproto over a trio
-  stream) that can also misbehave on purpose, for tests against a real server.
+  :class:`~chatcore.MessageStream` contract, running
+  :data:`MESSAGE_STREAM_CHECKS` on pairs from a :class:`PairFactory`;
+  :func:`open_memory_pair` and :func:`open_trio_websocket_pair` make them for
+  the two built-in transports.
+* The peers are the frame-level client ends the suite drives
+  (:class:`TransportPeer`): :class:`MemoryPeer` in memory and
+  :class:`WebSocketPeer` over a socket, which can also misbehave on purpose
+  (raw frames, a reset, a client that stops reading). :class:`TestClient`
+  runs on them; applications need not touch them.
 """
 
 from ._client import RequestFailed as RequestFailed
@@ -16,10 +26,25 @@ from ._client import TestClient as TestClient
 from ._client import open_test_client as open_test_client
 from ._client import open_test_clients as open_test_clients
 from ._conformance import MESSAGE_STREAM_CHECKS as MESSAGE_STREAM_CHECKS
-from ._conformance import MemoryPeer as MemoryPeer
 from ._conformance import PairFactory as PairFactory
-from ._conformance import TransportPeer as TransportPeer
-from ._conformance import WebSocketPeer as WebSocketPeer
 from ._conformance import check_message_stream as check_message_stream
 from ._conformance import open_memory_pair as open_memory_pair
 from ._conformance import open_trio_websocket_pair as open_trio_websocket_pair
+from ._peers import MemoryPeer as MemoryPeer
+from ._peers import TransportPeer as TransportPeer
+from ._peers import WebSocketPeer as WebSocketPeer
+
+__all__ = [
+    "MESSAGE_STREAM_CHECKS",
+    "MemoryPeer",
+    "PairFactory",
+    "RequestFailed",
+    "TestClient",
+    "TransportPeer",
+    "WebSocketPeer",
+    "check_message_stream",
+    "open_memory_pair",
+    "open_test_client",
+    "open_test_clients",
+    "open_trio_websocket_pair",
+]
