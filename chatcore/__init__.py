@@ -46,4 +46,48 @@ from .sansio import Reject as Reject
 from .sansio import encode as encode
 from .transports import serve_websocket as serve_websocket
 
+__all__ = [
+    "Accept",
+    "Backplane",
+    "BackplaneError",
+    "ChatcoreError",
+    "CloseCause",
+    "CloseOutcome",
+    "CloseRecord",
+    "Config",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionHandler",
+    "ConnectionState",
+    "ConnectionStatistics",
+    "Delivery",
+    "ErrorReply",
+    "HandshakeRejected",
+    "HandshakeRequest",
+    "HistoryConfig",
+    "Hub",
+    "HubConfig",
+    "HubStatistics",
+    "Identity",
+    "LocalBackplane",
+    "LocalProtocolError",
+    "MessageStream",
+    "OutboundMessage",
+    "OutboxFull",
+    "PeerGone",
+    "Position",
+    "ProtocolError",
+    "PushResult",
+    "Reject",
+    "RemoteProtocolError",
+    "Room",
+    "RoomStatistics",
+    "Sequenced",
+    "Session",
+    "encode",
+    "serve_connection",
+    "serve_websocket",
+]
+
+#: The version of this chatcore.
 __version__ = "0.1.0.dev0"

@@ -2,6 +2,12 @@
 
 Nothing in this package imports trio or any I/O library, and nothing reads a
 clock (callers pass ``now``). ``tests/test_sansio_purity.py`` enforces it.
+
+``__all__`` is the public surface, pinned by ``tests/test_exports.py``: the
+connection state machine and close arbiter, the handshake decision, the
+outbox, the wire protocol (parsing client frames, encoding server messages),
+room history, presence, rate limits, and the exception base classes. The
+runtime (hub, connection, backplanes) imports only these names.
 """
 
 from ._errors import (
@@ -43,7 +49,14 @@ from ._protocol import Leave as Leave
 from ._protocol import Ping as Ping
 from ._protocol import Pong as Pong
 from ._protocol import Publish as Publish
+from ._protocol import Ref as Ref
 from ._protocol import Since as Since
+from ._protocol import encode_error as encode_error
+from ._protocol import encode_hello as encode_hello
+from ._protocol import encode_message as encode_message
+from ._protocol import encode_reply as encode_reply
+from ._protocol import encode_reply_error as encode_reply_error
+from ._protocol import encode_shutdown as encode_shutdown
 from ._protocol import parse_client_message as parse_client_message
 from ._protocol import valid_room as valid_room
 from ._protocol import valid_user as valid_user
@@ -55,3 +68,56 @@ from ._state import CloseRecord as CloseRecord
 from ._state import ConnectionState as ConnectionState
 from ._state import Input as Input
 from ._state import handshake_status_for as handshake_status_for
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "TRANSITIONS",
+    "Accept",
+    "AppMessage",
+    "BadFrame",
+    "ChatcoreError",
+    "ClientMessage",
+    "CloseArbiter",
+    "CloseCause",
+    "CloseOutcome",
+    "CloseRecord",
+    "ConnectionState",
+    "Delivery",
+    "ErrorCode",
+    "HandshakeRequest",
+    "History",
+    "HistoryEntry",
+    "Input",
+    "Join",
+    "Leave",
+    "LocalProtocolError",
+    "OutboundMessage",
+    "Outbox",
+    "Ping",
+    "Pong",
+    "PresenceDiff",
+    "PresenceMeta",
+    "PresenceTable",
+    "ProtocolError",
+    "Publish",
+    "PushResult",
+    "Recovery",
+    "RecoveryStatus",
+    "Ref",
+    "Reject",
+    "RemoteProtocolError",
+    "Since",
+    "TokenBucket",
+    "WindowCounter",
+    "encode",
+    "encode_error",
+    "encode_hello",
+    "encode_message",
+    "encode_reply",
+    "encode_reply_error",
+    "encode_shutdown",
+    "handshake_status_for",
+    "parse_client_message",
+    "valid_room",
+    "valid_user",
+]
