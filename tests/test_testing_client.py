@@ -609,9 +609,7 @@ async def url(app: EchoRooms, nursery: trio.Nursery) -> str:
     return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/ws"
 
 
-async def test_over_a_socket_the_client_speaks_the_same_protocol(
-    app: EchoRooms, url: str
-) -> None:
+async def test_over_a_socket_the_client_speaks_the_same_protocol(app: EchoRooms, url: str) -> None:
     with trio.fail_after(10):
         async with open_test_clients(url, ["alice", "bob"], query="x=1") as (alice, bob):
             assert alice.user == "alice"
