@@ -161,7 +161,12 @@ class WebSocketPeer:
         # The client side of the protocol (sans-I/O).
         self._ws = WSConnection(ConnectionType.CLIENT)
         # Events parsed but not consumed yet.
-        self._pending: deque[Event] = deque()
+        # Events parsed but not consumed yet, each with whether parsing it
+        # changed the protocol state (a real close frame does; a parse
+        # failure reported as a close event does not).
+        self._pending: deque[tuple[Event, bool]] = deque()
+        # Whether the event :meth:`_next_event` returned last changed the state.
+        self._last_changed_state = False
         # Parts of a fragmented message being reassembled.
         self._parts: list[str | bytes] = []
         # The server's side ended (EOF or reset).
@@ -262,9 +267,18 @@ class WebSocketPeer:
 
     async def _next_event(self) -> Event:
         while True:
-            self._pending.extend(self._ws.events())
+            events = self._ws.events()
+            while True:
+                # wsproto moves its state as it yields each event, so the
+                # state is compared around each one, not around the batch.
+                before = self._ws.state
+                event = next(events, None)
+                if event is None:
+                    break
+                self._pending.append((event, self._ws.state is not before))
             if self._pending:
-                return self._pending.popleft()
+                event, self._last_changed_state = self._pending.popleft()
+                return event
             if self._eof:
                 raise PeerGone(None)
             try:
@@ -354,7 +368,6 @@ class WebSocketPeer:
                 framing (a corrupt stream); ``code`` is what wsproto would answer.
         """
         while True:
-            before = self._ws.state
             event = await self._next_event()
             if isinstance(event, TextMessage | BytesMessage):
                 self._parts.append(event.data if isinstance(event.data, str) else bytes(event.data))
@@ -375,7 +388,7 @@ class WebSocketPeer:
                     pass
                 continue
             if isinstance(event, CloseConnection):
-                if self._ws.state is before:
+                if not self._last_changed_state:
                     # wsproto turns a parse failure into a close event without
                     # a frame having arrived: the server's stream is corrupt.
                     raise RemoteProtocolError(
