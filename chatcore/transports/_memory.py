@@ -214,6 +214,11 @@ class MemoryStream(MessageStream):
 class MemoryClient:
     """The client side of an in-memory WebSocket (see :func:`memory_stream_pair`).
 
+    This is the raw end of the link, for tests of the connection core that
+    look at single frames. To test an application, use
+    :class:`chatcore.testing.TestClient`; the transport conformance suite
+    drives this end through :class:`chatcore.testing.MemoryPeer`.
+
     Attributes:
         frames: Every frame received so far, in order (the wire log).
     """
