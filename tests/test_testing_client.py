@@ -657,3 +657,13 @@ async def test_a_url_is_checked() -> None:
     with pytest.raises(ValueError, match="in memory only"):
         async with open_test_client("ws://127.0.0.1:1/ws", config=Config()):
             pass  # pragma: no cover
+
+
+async def test_address_is_what_the_server_sees(app: EchoRooms, url: str) -> None:
+    async with open_test_client(app, user="a", client=("192.0.2.7", 4711)) as in_memory:
+        assert in_memory.address == ("192.0.2.7", 4711)
+    with trio.fail_after(10):
+        async with open_test_client(url, user="b") as over_tcp:
+            host, port = over_tcp.address or ("", 0)
+            assert host == "127.0.0.1"
+            assert app.requests[-1].client == (host, port)

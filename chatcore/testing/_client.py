@@ -212,6 +212,17 @@ class TestClient:
         return str(self.hello.get("connection_id", ""))
 
     @property
+    def address(self) -> tuple[str, int] | None:
+        """The client's ``(host, port)`` as the server sees it (``None`` if unknown)."""
+        if isinstance(self._wire, WebSocketPeer) and isinstance(
+            self._wire.stream, trio.SocketStream
+        ):
+            host, port = self._wire.stream.socket.getsockname()[:2]
+            return str(host), int(port)
+        assert self._connection is not None
+        return self._connection.request.client
+
+    @property
     def user(self) -> str | None:
         """The ``user`` the server announced in ``hello`` (``None`` if absent)."""
         user = self.hello.get("user")
