@@ -61,7 +61,7 @@ class App(Publisher):
 
 
 async def _serve_chatcore(handler: ConnectionHandler, task_status: trio.TaskStatus[int]) -> None:
-    from chatcore.transports._trio_websocket import serve_websocket
+    from chatcore import serve_websocket
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(

@@ -53,8 +53,8 @@ import trio
 import trio.testing
 from _harness import DATA, ROOM
 
-from chatcore import Config, Hub, HubConfig, OutboundMessage, serve_connection
-from chatcore._backplane import Backplane, LocalBackplane, Sequenced
+from chatcore import Config, Hub, HubConfig, serve_connection
+from chatcore._backplane import Backplane, BackplaneEvent, LocalBackplane, Sequenced
 from chatcore.redis import RedisBackplane
 from chatcore.transports import MemoryClient, memory_stream_pair
 
@@ -247,28 +247,11 @@ class NullSink:
         self.expected = expected
         self.done = trio.Event()
 
-    def _deliver(self, item: Sequenced) -> None:
-        self.count += 1
-        if self.count >= self.expected:
-            self.done.set()
-
-    def _deliver_to_user(self, user: str, message: OutboundMessage) -> None:
-        pass
-
-    def _disconnect_user_here(self, user: str, code: int, reason: str) -> None:
-        pass
-
-    def _presence_event(self, node: str, event: dict[str, Any]) -> None:
-        pass
-
-    def _node_down(self, node: str) -> None:
-        pass
-
-    def _room_reset(self, room: str) -> None:
-        pass
-
-    def _broadcast_here(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
-        pass
+    def backplane_event(self, event: BackplaneEvent) -> None:
+        if isinstance(event, Sequenced):
+            self.count += 1
+            if self.count >= self.expected:
+                self.done.set()
 
 
 async def backplane_only(

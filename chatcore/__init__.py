@@ -7,9 +7,14 @@ See ``docs/lifecycle.md``.
 
 from ._backplane import Backplane as Backplane
 from ._backplane import BackplaneError as BackplaneError
+from ._backplane import BackplaneEvent as BackplaneEvent
+from ._backplane import BackplaneSink as BackplaneSink
 from ._backplane import HistoryConfig as HistoryConfig
 from ._backplane import LocalBackplane as LocalBackplane
+from ._backplane import NodeDown as NodeDown
 from ._backplane import Position as Position
+from ._backplane import Reconnected as Reconnected
+from ._backplane import RoomReset as RoomReset
 from ._backplane import Sequenced as Sequenced
 from ._config import Config as Config
 from ._connection import Connection as Connection
@@ -24,14 +29,17 @@ from ._exceptions import OutboxFull as OutboxFull
 from ._exceptions import PeerGone as PeerGone
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import RemoteProtocolError as RemoteProtocolError
-from ._hub import ErrorReply as ErrorReply
 from ._hub import Hub as Hub
 from ._hub import HubConfig as HubConfig
 from ._hub import HubStatistics as HubStatistics
-from ._hub import Identity as Identity
-from ._hub import Room as Room
-from ._hub import RoomStatistics as RoomStatistics
-from ._hub import Session as Session
+from ._rooms import Room as Room
+from ._rooms import RoomStatistics as RoomStatistics
+from ._server import HandlerHealth as HandlerHealth
+from ._server import ServedHandler as ServedHandler
+from ._server import serve_websocket as serve_websocket
+from ._session import ErrorReply as ErrorReply
+from ._session import Identity as Identity
+from ._session import Session as Session
 from ._transport import MessageStream as MessageStream
 from .sansio import Accept as Accept
 from .sansio import CloseCause as CloseCause
@@ -44,12 +52,13 @@ from .sansio import OutboundMessage as OutboundMessage
 from .sansio import PushResult as PushResult
 from .sansio import Reject as Reject
 from .sansio import encode as encode
-from .transports import serve_websocket as serve_websocket
 
 __all__ = [
     "Accept",
     "Backplane",
     "BackplaneError",
+    "BackplaneEvent",
+    "BackplaneSink",
     "ChatcoreError",
     "CloseCause",
     "CloseOutcome",
@@ -62,6 +71,7 @@ __all__ = [
     "ConnectionStatistics",
     "Delivery",
     "ErrorReply",
+    "HandlerHealth",
     "HandshakeRejected",
     "HandshakeRequest",
     "HistoryConfig",
@@ -72,17 +82,21 @@ __all__ = [
     "LocalBackplane",
     "LocalProtocolError",
     "MessageStream",
+    "NodeDown",
     "OutboundMessage",
     "OutboxFull",
     "PeerGone",
     "Position",
     "ProtocolError",
     "PushResult",
+    "Reconnected",
     "Reject",
     "RemoteProtocolError",
     "Room",
+    "RoomReset",
     "RoomStatistics",
     "Sequenced",
+    "ServedHandler",
     "Session",
     "encode",
     "serve_connection",

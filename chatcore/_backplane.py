@@ -16,11 +16,21 @@ does three things and nothing else:
 3. **Directed delivery.** Messages for a user (all their connections,
    wherever they are) and user disconnects.
 
-The hub (the :class:`BackplaneSink`) keeps its own position per room and
-delivers what arrives in offset order, dropping duplicates and asking
-:meth:`Backplane.replay` to fill gaps. The publisher's ``reply`` is matched
-by ``nonce``, so it goes out right before the publisher's own message
-whichever of the two a node learns first.
+A backplane hands everything to its :class:`BackplaneSink` (the hub) as
+typed events through one method, :meth:`BackplaneSink.backplane_event`:
+room messages (:class:`Sequenced`), node events
+(:data:`chatcore.sansio.NodeEvent`: directed messages, disconnects,
+broadcasts, presence) and its own news (:class:`NodeDown`,
+:class:`RoomReset`, :class:`Reconnected`). The hub keeps its own position
+per room and delivers what arrives in offset order: its per-room
+:class:`~chatcore.sansio.RoomSequencer` is the one place duplicates are
+dropped; it asks :meth:`Backplane.replay` to fill gaps. The publisher's
+``reply`` is matched by ``nonce``, so it goes out right before the
+publisher's own message whichever of the two a node learns first.
+
+A new backplane implements :class:`Backplane` with public names only and
+proves itself with :func:`chatcore.testing.check_backplane` (see
+``docs/scale-out.md``).
 
 :class:`LocalBackplane` is the in-process default: one process, zero
 services, delivery synchronous. ``chatcore.redis.RedisBackplane`` runs the
@@ -32,23 +42,37 @@ from __future__ import annotations
 import abc
 import secrets
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import attrs
 import trio
 
 from ._config import _positive, _positive_or_none
 from ._exceptions import ChatcoreError
-from .sansio import History, OutboundMessage
+from .sansio import (
+    History,
+    NodeEvent,
+    OutboundMessage,
+    Position,
+    PresenceEvent,
+    RoomBroadcast,
+    Sequenced,
+    UserDisconnect,
+    UserMessage,
+)
 from .sansio._protocol import encode_message
 
 __all__ = [
     "Backplane",
     "BackplaneError",
+    "BackplaneEvent",
     "BackplaneSink",
     "HistoryConfig",
     "LocalBackplane",
+    "NodeDown",
     "Position",
+    "Reconnected",
+    "RoomReset",
     "Sequenced",
 ]
 
@@ -59,38 +83,6 @@ class BackplaneError(ChatcoreError):
     Whose fault: the infrastructure's. The hub answers the request with the
     ``unavailable`` error code; open connections stay up.
     """
-
-
-@attrs.frozen
-class Position:
-    """Where a room's order stands.
-
-    Attributes:
-        epoch: The room's epoch (changes when its history was lost).
-        offset: The last assigned offset (0 before the first message).
-    """
-
-    epoch: str
-    offset: int
-
-
-@attrs.frozen
-class Sequenced:
-    """A room message with its place in the room's order.
-
-    Attributes:
-        room: The room.
-        epoch: The epoch the offset belongs to.
-        offset: The message's offset.
-        message: The encoded ``message`` (encoded once, where sequenced).
-        nonce: Set by the publishing node to match the publisher's reply.
-    """
-
-    room: str
-    epoch: str
-    offset: int
-    message: OutboundMessage
-    nonce: str | None = None
 
 
 @attrs.frozen
@@ -113,32 +105,70 @@ class HistoryConfig:
     rooms: int = attrs.field(default=10_000, validator=_positive)
 
 
+@attrs.frozen
+class NodeDown:
+    """Another node is gone (its lease expired): forget its connections.
+
+    Attributes:
+        node: The node's id.
+    """
+
+    node: str
+
+
+@attrs.frozen
+class RoomReset:
+    """The room's order was lost (a new epoch began): re-read its position.
+
+    Attributes:
+        room: The room.
+    """
+
+    room: str
+
+
+@attrs.frozen
+class Reconnected:
+    """The backplane reconnected: node events sent meanwhile may be lost.
+
+    Presence is not stored, so the hub re-announces its own and asks the
+    other nodes for theirs.
+    """
+
+
+#: Everything a backplane hands its sink: room messages (possibly repeated,
+#: out of order, or of an ended epoch: the sink orders them), node events from
+#: other nodes (and from this one for directed delivery), and the
+#: backplane's own news.
+BackplaneEvent: TypeAlias = Sequenced | NodeEvent | NodeDown | RoomReset | Reconnected
+
+
 class BackplaneSink(Protocol):
-    """What a backplane calls on its hub (implemented by :class:`chatcore.Hub`)."""
+    """What a backplane delivers to: its hub (:class:`chatcore.Hub` implements it).
 
-    def _deliver(self, item: Sequenced) -> None:
-        """A room message, possibly a duplicate or out of order."""
+    A backplane calls :meth:`backplane_event` and nothing else, from any of
+    its tasks, never concurrently with itself (Trio runs one task at a time).
+    """
 
-    def _deliver_to_user(self, user: str, message: OutboundMessage) -> None:
-        """A message for every local connection of ``user``."""
+    def backplane_event(self, event: BackplaneEvent) -> None:
+        """Take one event; never blocks.
 
-    def _disconnect_user_here(self, user: str, code: int, reason: str) -> None:
-        """Close every local connection of ``user``."""
+        * :class:`~chatcore.Sequenced`: a room message. The backplane may hand
+          over the same offset twice, out of order, or of an epoch the room
+          has left; the sink keeps the room's order (one
+          :class:`~chatcore.sansio.RoomSequencer` per room) and asks
+          :meth:`Backplane.replay` to fill gaps.
+        * :class:`~chatcore.sansio.UserMessage`,
+          :class:`~chatcore.sansio.UserDisconnect`,
+          :class:`~chatcore.sansio.RoomBroadcast`: directed delivery to this
+          node's connections (the sending node's own included: backplanes
+          hand these to their own sink directly).
+        * presence events (:data:`~chatcore.sansio.PresenceEvent`) of other nodes.
+        * :class:`NodeDown`, :class:`RoomReset`, :class:`Reconnected`.
 
-    def _presence_event(self, node: str, event: dict[str, Any]) -> None:
-        """A presence event published by another node (see :meth:`Backplane.publish_presence`)."""
-
-    def _node_down(self, node: str) -> None:
-        """Another node's lease expired: forget its connections (presence)."""
-
-    def _room_reset(self, room: str) -> None:
-        """The room's order was lost (new epoch): re-read its position."""
-
-    def _resync(self) -> None:
-        """The backplane reconnected: unstored bus messages (presence) may be lost."""
-
-    def _broadcast_here(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
-        """A message outside the room's order for this node's members of ``room``."""
+        A sink that cannot apply an event logs it and returns; it does not
+        raise into the backplane.
+        """
 
 
 class Backplane(abc.ABC):
@@ -230,11 +260,14 @@ class Backplane(abc.ABC):
     async def disconnect_user(self, user: str, code: int, reason: str) -> None:
         """Close every connection of ``user`` on every node."""
 
-    async def publish_presence(self, event: dict[str, Any]) -> None:
-        """Tell the other nodes about a local presence change (JSON-able ``event``).
+    async def publish_presence(self, event: PresenceEvent) -> None:
+        """Tell the other nodes about a presence change of this node.
 
-        They receive it through :meth:`BackplaneSink._presence_event`. The
-        in-process backplane has no other nodes.
+        They receive it through :meth:`BackplaneSink.backplane_event`; this
+        node's own sink does not. The in-process backplane has no other nodes.
+
+        Raises:
+            BackplaneError: the other nodes could not be told.
         """
         await trio.lowlevel.checkpoint()
 
@@ -317,7 +350,7 @@ class LocalBackplane(Backplane):
         message = encode_message(room, offset, store.epoch, sender, data)
         history.append(offset, message, trio.current_time())
         if self._sink is not None:
-            self._sink._deliver(Sequenced(room, store.epoch, offset, message, nonce))
+            self._sink.backplane_event(Sequenced(room, store.epoch, offset, message, nonce))
         return Position(store.epoch, offset)
 
     async def position(self, room: str) -> Position:
@@ -330,7 +363,7 @@ class LocalBackplane(Backplane):
         """See :meth:`Backplane.replay`."""
         await trio.lowlevel.checkpoint()
         store = self._rooms.get(room)
-        if store is None or store.epoch != epoch:
+        if store is None or store.epoch != epoch or upto > store.history.last_offset:
             return None
         recovery = store.history.since(after, trio.current_time())
         if not recovery.complete:
@@ -354,16 +387,16 @@ class LocalBackplane(Backplane):
         """See :meth:`Backplane.broadcast`."""
         await trio.lowlevel.checkpoint()
         if self._sink is not None:
-            self._sink._broadcast_here(room, message, exclude)
+            self._sink.backplane_event(RoomBroadcast(self.node_id, room, message, exclude))
 
     async def send_to_user(self, user: str, message: OutboundMessage) -> None:
         """See :meth:`Backplane.send_to_user`."""
         await trio.lowlevel.checkpoint()
         if self._sink is not None:
-            self._sink._deliver_to_user(user, message)
+            self._sink.backplane_event(UserMessage(self.node_id, user, message))
 
     async def disconnect_user(self, user: str, code: int, reason: str) -> None:
         """See :meth:`Backplane.disconnect_user`."""
         await trio.lowlevel.checkpoint()
         if self._sink is not None:
-            self._sink._disconnect_user_here(user, code, reason)
+            self._sink.backplane_event(UserDisconnect(self.node_id, user, code, reason))

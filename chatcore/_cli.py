@@ -18,9 +18,8 @@ from collections.abc import Sequence
 import attrs
 
 from . import _serve
-from ._backplane import LocalBackplane
+from ._backplane import Backplane, LocalBackplane
 from ._connection import ConnectionHandler
-from ._hub import Hub
 from .asgi import ASGIApp
 
 logger = logging.getLogger("chatcore.cli")
@@ -291,11 +290,13 @@ def _serve_command(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             gc_tuning=args.gc_tuning,
         )
-    if isinstance(app.handler, Hub) and not isinstance(app.handler.backplane, LocalBackplane):
+    # A handler with a shared backplane (a hub on Redis) spans the workers.
+    backplane = getattr(app.handler, "backplane", None)
+    if isinstance(backplane, Backplane) and not isinstance(backplane, LocalBackplane):
         logger.info(
             "%d worker processes share the port; rooms span them through %s",
             args.workers,
-            type(app.handler.backplane).__name__,
+            type(backplane).__name__,
         )
     else:
         logger.warning(

@@ -27,9 +27,13 @@ Routes:
   it stops; both phases are answered, as hypercorn requires. ``http_app``
   does not receive lifespan events.
 
-Nothing past the ASGI edge sees a scope dict: the WebSocket handshake is
-converted into a :class:`~chatcore.HandshakeRequest` in
-:mod:`chatcore.transports._asgi`, which also handles hypercorn's traps.
+The app knows its handler only through the server layer's
+:class:`~chatcore.ServedHandler` protocol (health, drain, ``Retry-After``),
+which :class:`~chatcore.Hub` implements; any other handler is tracked so that
+it can be counted and drained the same way. Nothing past the ASGI edge sees a
+scope dict: the WebSocket handshake is converted into a
+:class:`~chatcore.HandshakeRequest` by the ASGI transport
+(``chatcore.transports._asgi_stream``), which also handles hypercorn's traps.
 """
 
 from __future__ import annotations
@@ -37,23 +41,21 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 import attrs
 import trio
 
 from ._config import Config
-from ._connection import Connection, ConnectionHandler
-from ._hub import Hub
-from .sansio import Accept, CloseCause, HandshakeRequest, Reject
-from .transports._asgi import (
+from ._connection import ConnectionHandler
+from ._server import ServedHandler, refuse_asgi_websocket, serve_asgi_websocket, served
+from .transports._asgi_stream import (
     LINGER,
     ASGIMessage,
     ASGIReceive,
     ASGIScope,
     ASGISend,
     ASGIStream,
-    refuse_asgi_websocket,
-    serve_asgi_websocket,
 )
 
 __all__ = [
@@ -99,31 +101,6 @@ class Health:
     @ready.default
     def _ready_unless_draining(self) -> bool:
         return not self.draining
-
-
-class _Tracked(ConnectionHandler):
-    """Delegates to a plain handler and keeps the set of its open connections.
-
-    A :class:`~chatcore.Hub` keeps its own registry; other handlers get this so
-    that the app can count and drain their connections.
-    """
-
-    def __init__(self, inner: ConnectionHandler) -> None:
-        self.inner = inner
-        # Open connections: added by the connection's own handle task, removed
-        # in connection_closed, which runs however the connection ended.
-        self.connections: set[Connection] = set()
-
-    async def authenticate(self, request: HandshakeRequest) -> Accept | Reject:
-        return await self.inner.authenticate(request)
-
-    async def handle(self, connection: Connection) -> None:
-        self.connections.add(connection)
-        await self.inner.handle(connection)
-
-    def connection_closed(self, connection: Connection) -> None:
-        self.connections.discard(connection)
-        self.inner.connection_closed(connection)
 
 
 class ASGIApp:
@@ -185,11 +162,12 @@ class ASGIApp:
         self._config = config
         self._default_config = Config()
         self._retry_after = retry_after
-        # What connections actually run: the hub itself, or a tracking wrapper.
-        self._serving: ConnectionHandler = (
-            handler if isinstance(handler, Hub) else _Tracked(handler)
-        )
-        # Set by start_draining(); a hub has its own flag too.
+        # What connections actually run: the handler itself if a server can
+        # watch and drain it (a hub), else a tracking wrapper around it.
+        self._serving = served(handler)
+        # The same object, as the server layer sees it (health, drain).
+        self._served = cast(ServedHandler, self._serving)
+        # Set by start_draining() (the handler has its own flag too).
         self._draining = False
 
     def __repr__(self) -> str:
@@ -220,33 +198,28 @@ class ASGIApp:
         """Seconds announced in ``Retry-After`` when refusing during a drain."""
         if self._retry_after is not None:
             return self._retry_after
-        if isinstance(self.handler, Hub):
-            return self.handler.config.retry_after
-        return 5
+        return self._served.retry_after
 
     # -- draining --------------------------------------------------------------
 
     @property
     def draining(self) -> bool:
         """True once a drain started: handshakes get 503, health reports not ready."""
-        if isinstance(self.handler, Hub) and self.handler.draining:
-            return True
-        return self._draining
+        return self._draining or self._served.health().draining
 
     def start_draining(self) -> None:
         """Refuse new handshakes with 503 and ``Retry-After``; report not ready."""
         self._draining = True
-        if isinstance(self.handler, Hub):
-            self.handler.start_draining()
+        self._served.start_draining()
 
     async def drain(self, grace: float = 8.0) -> int:
         """Gracefully close every connection within ``grace`` seconds.
 
-        For a hub this is :meth:`Hub.drain <chatcore.Hub.drain>` (``shutdown``
-        message with a jittered ``reconnect_after_ms``, then 1012 in batches).
-        For a plain handler, the connections are closed with 1012 spread over
-        ``grace - close_timeout`` seconds. Either way new handshakes get 503
-        from the first moment.
+        The handler's own drain (:meth:`ServedHandler.drain
+        <chatcore.ServedHandler.drain>`): for a hub, a ``shutdown`` message
+        with a jittered ``reconnect_after_ms``, then 1012 in batches; for a
+        plain handler, 1012 closes spread over ``grace - close_timeout``
+        seconds. Either way new handshakes get 503 from the first moment.
 
         Cancellation: stops the drain where it is; the connections still open
         are closed with 1012 by their own actors when the server is cancelled.
@@ -255,38 +228,14 @@ class ASGIApp:
             How many connections were still open when it returned (0 on success).
         """
         self.start_draining()
-        if isinstance(self.handler, Hub):
-            return await self.handler.drain(grace)
-        assert isinstance(self._serving, _Tracked)
-        tracked = self._serving.connections
-        start = trio.current_time()
-        spread = max(0.0, grace - self.config.close_timeout)
-        with trio.move_on_at(start + grace):
-            connections = list(tracked)
-            for index, connection in enumerate(connections):
-                at = start + spread * index / len(connections)
-                if at > trio.current_time():
-                    await trio.sleep_until(at)
-                connection.close_nowait(1012, "service restart", cause=CloseCause.SHUTDOWN)
-            while tracked:
-                # Handshakes accepted just before the drain began register late.
-                for connection in list(tracked):
-                    connection.close_nowait(1012, "service restart", cause=CloseCause.SHUTDOWN)
-                for connection in list(tracked):
-                    await connection.wait_closed()
-        return len(tracked)
+        return await self._served.drain(grace)
 
     def health(self) -> Health:
         """A snapshot of what the health endpoint reports."""
-        draining = self.draining
-        degraded = False
-        if isinstance(self.handler, Hub):
-            stats = self.handler.statistics()
-            connections, rooms = stats.connections, stats.rooms
-            degraded = self.handler.backplane.degraded
-        else:
-            assert isinstance(self._serving, _Tracked)
-            connections, rooms = len(self._serving.connections), 0
+        handler = self._served.health()
+        draining = self._draining or handler.draining
+        degraded = handler.degraded
+        connections, rooms = handler.connections, handler.rooms
         return Health(
             status="draining" if draining else "degraded" if degraded else "ok",
             connections=connections,
@@ -366,13 +315,12 @@ class ASGIApp:
                 message = await receive()
                 kind = message.get("type")
                 if kind == "lifespan.startup":
-                    if isinstance(self.handler, Hub):
-                        try:
-                            await nursery.start(self.handler.run)
-                        except Exception as exc:
-                            logger.exception("the hub failed to start")
-                            await send({"type": "lifespan.startup.failed", "message": repr(exc)})
-                            return
+                    try:
+                        await nursery.start(self._serving.run)
+                    except Exception as exc:
+                        logger.exception("the handler failed to start")
+                        await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                        return
                     await send({"type": "lifespan.startup.complete"})
                 elif kind == "lifespan.shutdown":
                     nursery.cancel_scope.cancel()

@@ -34,7 +34,7 @@ import trio
 
 from chatcore import HandshakeRejected, PeerGone
 from chatcore.transports import BinaryFrame, CloseFrame, TextFrame
-from chatcore.transports._asgi import ASGIStream
+from chatcore.transports._asgi_stream import ASGIStream
 
 Frame = TextFrame | BinaryFrame | CloseFrame
 App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]

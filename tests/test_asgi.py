@@ -35,17 +35,17 @@ from chatcore import (
     PeerGone,
     Reject,
     Session,
+    _server,
 )
 from chatcore._backplane import LocalBackplane
+from chatcore._server import refuse_asgi_websocket, serve_asgi_websocket
 from chatcore.asgi import ASGIApp
 from chatcore.testing import MESSAGE_STREAM_CHECKS, check_message_stream
-from chatcore.transports import CloseFrame, TextFrame, _asgi
-from chatcore.transports._asgi import (
+from chatcore.transports import CloseFrame, TextFrame
+from chatcore.transports._asgi_stream import (
     LINGER,
     ASGIStream,
-    refuse_asgi_websocket,
     request_from_scope,
-    serve_asgi_websocket,
 )
 
 #: Conformance checks whose contract hypercorn cannot give (see
@@ -861,7 +861,7 @@ async def test_an_internal_error_is_contained(
         await trio.lowlevel.checkpoint()
         raise RuntimeError("a chatcore bug")
 
-    monkeypatch.setattr(_asgi, "serve_connection", broken_actor)
+    monkeypatch.setattr(_server, "serve_connection", broken_actor)
     io = Recorder({"type": "websocket.connect"})
     await serve_asgi_websocket(ws_scope(), io.receive, io.send, Scripted(), config=TEST_CONFIG)
     assert io.sent[0]["status"] == 500  # refused, and nothing escaped

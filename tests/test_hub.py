@@ -6,7 +6,7 @@ client must misbehave) on Trio's virtual clock, and asserts what a client can
 observe: the frames it received, close codes, HTTP refusals, and what the
 registry holds (``hub.statistics()``, ``hub.sessions()``, ``hub.room()``).
 
-Where each documented code of docs/protocol.md is produced
+Where each code documented in docs/protocol.md is produced
 ----------------------------------------------------------
 
 Handshake refusals (HTTP status):

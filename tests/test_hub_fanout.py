@@ -45,6 +45,7 @@ from chatcore import (
     Identity,
     Reject,
     serve_connection,
+    serve_websocket,
 )
 from chatcore.testing import TestClient, WebSocketPeer, open_test_clients
 from chatcore.transports import (
@@ -52,7 +53,6 @@ from chatcore.transports import (
     MemoryClient,
     TextFrame,
     memory_stream_pair,
-    serve_websocket,
 )
 
 # -- helpers -------------------------------------------------------------------

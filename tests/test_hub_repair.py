@@ -20,6 +20,7 @@ every one of those paths runs deterministically on the ``autojump_clock``:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import deque
 from collections.abc import AsyncIterator
@@ -41,11 +42,14 @@ from chatcore import (
     HubConfig,
     Identity,
     LocalBackplane,
+    NodeDown,
     OutboundMessage,
     Position,
     Reject,
+    RoomReset,
     Sequenced,
 )
+from chatcore.sansio import PresenceEvent, decode_node_event, encode_node_event
 from chatcore.sansio._protocol import encode_message
 from chatcore.testing import TestClient, open_test_client
 
@@ -119,7 +123,7 @@ class ScriptedBackplane(Backplane):
     def deliver(self, *items: Sequenced) -> None:
         assert self.hub is not None
         for item in items:
-            self.hub._deliver(item)
+            self.hub.backplane_event(item)
 
     # -- Backplane ---------------------------------------------------------------
 
@@ -173,7 +177,7 @@ class ScriptedBackplane(Backplane):
     async def disconnect_user(self, user: str, code: int, reason: str) -> None:
         await trio.lowlevel.checkpoint()
 
-    async def publish_presence(self, event: dict[str, Any]) -> None:
+    async def publish_presence(self, event: PresenceEvent) -> None:
         if self.presence_gate is not None:
             await self.presence_gate.wait()
         else:
@@ -181,7 +185,8 @@ class ScriptedBackplane(Backplane):
         if self.presence_errors:
             self.presence_errors -= 1
             raise BackplaneError("scripted outage")
-        self.announced.append(event)
+        # What other nodes would read: the event's byte format, decoded as JSON.
+        self.announced.append(json.loads(encode_node_event(event).split(b"\n", 1)[1]))
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -224,6 +229,14 @@ async def offsets(client: TestClient) -> list[int]:
     return got
 
 
+def presence_event(hub: Hub, node: str, event: Any) -> None:
+    """Another node's presence event, through its byte format, as a backplane hands it over."""
+    wire = b"p" + json.dumps([node]).encode() + b"\n" + json.dumps(event).encode()
+    decoded = decode_node_event(wire)
+    if decoded is not None:  # an op of a newer version is ignored
+        hub.backplane_event(decoded)
+
+
 def me(client: TestClient) -> dict[str, Any]:
     return {"connection_id": client.connection_id}
 
@@ -263,8 +276,8 @@ async def test_messages_behind_a_gap_go_out_in_order_once_the_repair_fills_it(
         assert await offsets(alice) == [2, 3, 4, 5, 6]
         room = hub.room("r")
         assert room is not None
-        assert (room.offset, room._pending) == (6, {})
-        assert not hub._repairs
+        assert (room.offset, room.sequencer.held) == (6, 0)
+        assert not hub._registry.repairs_pending
         bp.deliver(*bp.items("r", 6, 2, 5))  # late copies of what went out
         assert await offsets(alice) == []
         bp.deliver(bp.sequence("r", 7))
@@ -338,12 +351,12 @@ async def test_a_repair_of_a_room_that_closed_meanwhile_is_skipped(
         assert hub.leave(alice.connection_id, "r")  # before the repair task runs
         await trio.testing.wait_all_tasks_blocked()
         assert hub.room("r") is None
-        assert not hub._repairs
+        assert not hub._registry.repairs_pending
         assert bp.replays == []
         await alice.assert_nothing_received()
         # An unknown room's reset is nothing to repair either.
-        hub._room_reset("elsewhere")
-        assert not hub._repairs
+        hub.backplane_event(RoomReset("elsewhere"))
+        assert not hub._registry.repairs_pending
 
 
 async def test_messages_that_arrive_before_the_position_is_known(
@@ -371,9 +384,9 @@ async def test_messages_that_arrive_before_the_position_is_known(
             bp.sequence("r", 3)  # never delivered live: repaired
             fourth = bp.sequence("r", 4)
             bp.deliver(fourth, first, second, first)  # all before the position: held
-            room = hub._rooms["r"]
+            room = hub._registry.rooms["r"]
             assert not room.ready
-            assert sorted(room._pending) == [1, 2, 4]
+            assert room.sequencer.held == 3  # 1, 2 and 4
             bp.position_gate.set()
         assert joined == [
             {"room": "r", "epoch": "e1", "offset": joined[0]["offset"], "recovered": True}
@@ -410,7 +423,7 @@ async def test_a_gap_that_cannot_be_filled_closes_members_with_4001(
             assert client.messages == []
         assert "messages lost to members here" in caplog.text
         # The room here moved on to the backplane's position.
-        assert (room.epoch, room.offset, room._pending) == ("e1", 3, {})
+        assert (room.epoch, room.offset, room.sequencer.held) == ("e1", 3, 0)
         # A later joiner starts from the room's position; it is not told 3.
         async with open_test_client(hub, user="carol") as carol:
             joined = await carol.join("r", since={"epoch": "e1", "offset": 1})
@@ -449,7 +462,7 @@ async def test_an_epoch_change_on_a_live_room_closes_members_with_4001(
             assert hub.room("r") is room
         else:
             bp.sequence("r", "new")  # e2, offset 1: behind this node's position
-            hub._room_reset("r")
+            hub.backplane_event(RoomReset("r"))
         for client in (alice, bob):
             assert await offsets(client) == [1, 2]
             await client.expect_closed(4001)
@@ -472,14 +485,14 @@ async def test_a_reset_of_a_room_that_is_up_to_date_changes_nothing(
         await alice.join("r")
         bp.deliver(bp.sequence("r", 1))
         await alice.expect("message", offset=1)
-        hub._room_reset("r")
+        hub.backplane_event(RoomReset("r"))
         await alice.assert_nothing_received()
         assert bp.positions == ["r", "r"]
         assert bp.replays == []
         # Messages the channel lost (no gap seen): a reset reads them back.
         bp.sequence("r", 2)
         bp.sequence("r", 3)
-        hub._room_reset("r")
+        hub.backplane_event(RoomReset("r"))
         assert await offsets(alice) == [2, 3]
         assert bp.replays == [("r", "e1", 1, 3)]
 
@@ -512,7 +525,7 @@ async def test_reply_before_the_message_when_it_is_delivered_before_publish_retu
         bp.publish_gate.set()  # publish() returns: no second reply
         await alice.assert_nothing_received()
         await bob.assert_nothing_received()
-        assert not hub._awaiting
+        assert hub._registry.awaiting == 0
 
 
 async def test_reply_before_the_message_when_publish_returns_first(
@@ -526,7 +539,7 @@ async def test_reply_before_the_message_when_publish_returns_first(
         reply = await alice.expect_reply(7, status="ok")
         assert reply["data"] == {"offset": 1}
         await alice.assert_nothing_received()  # sequenced, not delivered yet
-        assert not hub._awaiting
+        assert hub._registry.awaiting == 0
         [item] = bp.logs["r"]
         assert item.nonce is not None
         bp.deliver(item)
@@ -557,7 +570,7 @@ async def test_reply_of_a_message_held_behind_a_gap(
         await alice.expect("message", offset=1, data="before")
         await alice.expect("message", offset=2, data="mine")
         await alice.assert_nothing_received()
-        assert not hub._awaiting
+        assert hub._registry.awaiting == 0
 
 
 async def test_reply_when_the_room_closed_before_the_message_arrived(
@@ -605,8 +618,6 @@ MALFORMED: list[Any] = [
     {"op": "join", "room": "r", "user": "x", "connection_id": "c9", "joined_at": 1, "data": [1]},
     {"op": "join", "room": "r", "user": "x", "connection_id": "c9", "joined_at": 1, "data": "ab"},
     {"op": "join", "room": "r", "user": "x", "connection_id": "c9", "joined_at": None},
-    # c1 is bob's connection on that node: it cannot turn into someone else's.
-    {"op": "join", "room": "r", "user": "mallory", "connection_id": "c1", "joined_at": 1},
     {"op": "leave", "room": "r"},
     {"op": "leave", "connection_id": "c1"},
     ["op", "join"],
@@ -616,19 +627,27 @@ MALFORMED: list[Any] = [
 
 
 @pytest.mark.parametrize("event", MALFORMED, ids=[repr(e)[:40] for e in MALFORMED])
-async def test_malformed_presence_events_are_logged_and_ignored(
-    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture, event: Any
+def test_malformed_presence_events_never_reach_the_hub(event: Any) -> None:
+    """The byte format refuses them: a backplane logs and drops what does not decode."""
+    wire = b'p["n2"]\n' + json.dumps(event).encode()
+    with pytest.raises(ValueError, match=r"presence|op|joined_at|connection_id|room|object"):
+        decode_node_event(wire)
+
+
+async def test_a_presence_event_that_does_not_fit_is_logged_and_ignored(
+    autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
     bp = ScriptedBackplane()
     hub = scripted_hub(bp, presence=True)
     async with running(hub), open_test_client(hub, user="alice") as alice:
         await alice.join("r")
         await alice.expect("presence_state", users={"alice": [me(alice)]})
-        hub._presence_event("n2", remote_join("r", "bob", "c1"))
+        presence_event(hub, "n2", remote_join("r", "bob", "c1"))
         await alice.expect("presence_diff", joins={"bob": [{"connection_id": "c1"}]})
         before = hub.presence("r")
+        # c1 is bob's connection on that node: it cannot turn into someone else's.
         with caplog.at_level(logging.WARNING, logger="chatcore.hub"):
-            hub._presence_event("n2", event)
+            presence_event(hub, "n2", remote_join("r", "mallory", "c1"))
         assert "ignoring a presence event from node n2" in caplog.text
         assert hub.presence("r") == before
         await trio.sleep(2 * GRACE)
@@ -642,17 +661,17 @@ async def test_presence_events_from_other_nodes(autojump_clock: trio.abc.Clock) 
     async with running(hub), open_test_client(hub, user="alice") as alice:
         await alice.join("r")
         await alice.expect("presence_state")
-        hub._presence_event("n2", remote_join("r", "bob", "c1", {"device": "phone"}))
+        presence_event(hub, "n2", remote_join("r", "bob", "c1", {"device": "phone"}))
         await alice.expect(
             "presence_diff", joins={"bob": [{"connection_id": "c1", "device": "phone"}]}
         )
-        hub._presence_event("n2", remote_join("r", "bob", "c2"))  # a second tab: no diff
-        hub._presence_event("n1", remote_join("r", "eve", "c3"))  # our own echo: ignored
+        presence_event(hub, "n2", remote_join("r", "bob", "c2"))  # a second tab: no diff
+        presence_event(hub, "n1", remote_join("r", "eve", "c3"))  # our own echo: ignored
         await alice.assert_nothing_received()
         assert set(hub.presence("r")) == {"alice", "bob"}
         # Another node asks for the state: every local connection is announced.
         bp.announced.clear()
-        hub._presence_event("n3", {"op": "sync"})
+        presence_event(hub, "n3", {"op": "sync"})
         await trio.testing.wait_all_tasks_blocked()
         assert [(e["op"], e.get("user"), e.get("connection_id")) for e in bp.announced] == [
             ("state", None, None),  # all it has, between these two
@@ -660,9 +679,9 @@ async def test_presence_events_from_other_nodes(autojump_clock: trio.abc.Clock) 
             ("state_end", None, None),
         ]
         # An op this version does not know is skipped.
-        hub._presence_event("n2", {"op": "future", "room": "r"})
+        presence_event(hub, "n2", {"op": "future", "room": "r"})
         for cid in ("c1", "c2"):
-            hub._presence_event("n2", {"op": "leave", "room": "r", "connection_id": cid})
+            presence_event(hub, "n2", {"op": "leave", "room": "r", "connection_id": cid})
         left = trio.current_time()
         assert set(hub.presence("r")) == {"alice", "bob"}  # in grace
         await alice.expect(
@@ -670,10 +689,10 @@ async def test_presence_events_from_other_nodes(autojump_clock: trio.abc.Clock) 
         )
         assert trio.current_time() - left == pytest.approx(GRACE)
         # A node whose lease expired: its users go after the grace window too.
-        hub._presence_event("n3", remote_join("r", "carol", "c1"))
+        presence_event(hub, "n3", remote_join("r", "carol", "c1"))
         await alice.expect("presence_diff", joins={"carol": [{"connection_id": "c1"}]})
-        hub._node_down("n1")  # this node itself: ignored
-        hub._node_down("n3")
+        hub.backplane_event(NodeDown("n1"))  # this node itself: ignored
+        hub.backplane_event(NodeDown("n3"))
         down = trio.current_time()
         await alice.expect(
             "presence_diff", leaves={"carol": [{"connection_id": "c1"}]}, timeout=2 * GRACE
@@ -697,22 +716,22 @@ async def test_a_nodes_state_replaces_what_was_known_of_it(
         await alice.join("r")
         await alice.expect("presence_state")
         for user, cid in (("bob", "c1"), ("carol", "c2"), ("bob", "c3"), ("erin", "c4")):
-            hub._presence_event("n2", remote_join("r", user, cid))
-        hub._presence_event("n3", remote_join("r", "dave", "c1"))
+            presence_event(hub, "n2", remote_join("r", user, cid))
+        presence_event(hub, "n3", remote_join("r", "dave", "c1"))
         for user in ("bob", "carol", "erin", "dave"):
             await alice.expect("presence_diff", joins={user: [{"connection_id": ANY}]})
         # n2's state; carol's leave and bob's tab c1 closing never got here.
-        hub._presence_event("n2", {"op": "state"})
-        hub._presence_event("n1", {"op": "state"})  # an echo of our own: harmless
-        hub._presence_event("n1", {"op": "state_end"})
+        presence_event(hub, "n2", {"op": "state"})
+        presence_event(hub, "n1", {"op": "state"})  # an echo of our own: harmless
+        presence_event(hub, "n1", {"op": "state_end"})
         await trio.sleep(3 * GRACE)  # a long re-announcement: nobody is dropped meanwhile
-        hub._presence_event("n2", remote_join("r", "bob", "c3"))
-        hub._presence_event("n2", {"op": "leave", "room": "r", "connection_id": "c4"})  # live
-        hub._presence_event("n2", remote_join("r", "frank", "c5"))  # live, after the state
+        presence_event(hub, "n2", remote_join("r", "bob", "c3"))
+        presence_event(hub, "n2", {"op": "leave", "room": "r", "connection_id": "c4"})  # live
+        presence_event(hub, "n2", remote_join("r", "frank", "c5"))  # live, after the state
         await alice.expect("presence_diff", joins={"frank": [{"connection_id": "c5"}]})
         await alice.assert_nothing_received()
         assert set(hub.presence("r")) == {"alice", "bob", "carol", "dave", "erin", "frank"}
-        hub._presence_event("n2", {"op": "state_end"})
+        presence_event(hub, "n2", {"op": "state_end"})
         ended = trio.current_time()
         leaves = [await alice.receive(timeout=2 * GRACE) for _ in range(2)]
         assert trio.current_time() - ended == pytest.approx(GRACE)
@@ -729,14 +748,14 @@ async def test_a_nodes_state_replaces_what_was_known_of_it(
             "frank": [{"connection_id": "c5"}],
         }
         # A node that goes down in the middle of its state: its end never comes.
-        hub._presence_event("n3", {"op": "state"})
-        hub._node_down("n3")
-        assert hub._unconfirmed == {}  # nothing kept for a node that is gone
-        hub._presence_event("n3", {"op": "state_end"})  # late: harmless
+        presence_event(hub, "n3", {"op": "state"})
+        hub.backplane_event(NodeDown("n3"))
+        assert hub._presence.unconfirmed == {}  # nothing kept for a node that is gone
+        presence_event(hub, "n3", {"op": "state_end"})  # late: harmless
         await alice.expect(
             "presence_diff", leaves={"dave": [{"connection_id": "c1"}]}, timeout=2 * GRACE
         )
-        assert hub._unconfirmed == {}
+        assert hub._presence.unconfirmed == {}
 
 
 async def test_announcements_wait_for_the_backplane_and_go_out_in_order(
@@ -766,7 +785,7 @@ async def test_announcements_wait_for_the_backplane_and_go_out_in_order(
         # The queue overflows while one is being sent: the oldest are
         # dropped (the one in flight among them, which is not popped again:
         # that would drop a newer one), the newest go out.
-        hub._announcements = deque(maxlen=2)
+        hub._presence.announcements = deque(maxlen=2)
         bp.presence_gate = trio.Event()
         bp.announced.clear()
         for room in ("a", "b", "c", "d"):
@@ -775,7 +794,7 @@ async def test_announcements_wait_for_the_backplane_and_go_out_in_order(
         bp.presence_gate.set()
         await trio.testing.wait_all_tasks_blocked()
         assert [e["room"] for e in bp.announced] == ["a", "c", "d"]
-        assert not hub._announcements
+        assert not hub._presence.announcements
 
 
 async def test_online_users_and_presence_on_the_server(autojump_clock: trio.abc.Clock) -> None:
@@ -787,14 +806,14 @@ async def test_online_users_and_presence_on_the_server(autojump_clock: trio.abc.
         open_test_client(hub, user="idle") as idle,
     ):
         await alice.join("r")
-        hub._presence_event("n2", remote_join("r", "bob", "c1"))
-        hub._presence_event("n2", remote_join("s", "carol", "c2"))
+        presence_event(hub, "n2", remote_join("r", "bob", "c1"))
+        presence_event(hub, "n2", remote_join("s", "carol", "c2"))
         assert hub.online_users() == {"alice", "idle", "bob", "carol"}  # idle: in no room
         assert hub.presence("r") == {"alice": [me(alice)], "bob": [{"connection_id": "c1"}]}
         assert hub.presence("s") == {"carol": [{"connection_id": "c2"}]}
         assert hub.presence("none") == {}
         # A user in the grace window is present, not online.
-        hub._presence_event("n2", {"op": "leave", "room": "r", "connection_id": "c1"})
+        presence_event(hub, "n2", {"op": "leave", "room": "r", "connection_id": "c1"})
         await alice.leave("r")
         assert hub.online_users() == {"alice", "idle", "carol"}
         assert hub.presence("r") == {"alice": [me(alice)], "bob": [{"connection_id": "c1"}]}
@@ -811,13 +830,13 @@ async def test_presence_off_ignores_other_nodes(autojump_clock: trio.abc.Clock) 
     hub = scripted_hub(bp, presence=False)
     async with running(hub), open_test_client(hub, user="alice") as alice:
         await alice.join("r")
-        hub._presence_event("n2", remote_join("r", "bob", "c1"))
-        hub._presence_event("n2", {"op": "sync"})
+        presence_event(hub, "n2", remote_join("r", "bob", "c1"))
+        presence_event(hub, "n2", {"op": "sync"})
         await trio.sleep(1)
         await alice.assert_nothing_received()
         assert hub.presence("r") == {}
         assert hub.online_users() == {"alice"}
-        hub._node_down("n2")
+        hub.backplane_event(NodeDown("n2"))
         await trio.sleep(2 * GRACE)
         await alice.assert_nothing_received()
         assert bp.announced == []

@@ -47,7 +47,7 @@ from chatcore.testing import (
     open_test_client,
 )
 from chatcore.transports import CloseFrame
-from chatcore.transports._asgi import ASGIStream
+from chatcore.transports._asgi_stream import ASGIStream
 
 pytestmark = pytest.mark.slow
 

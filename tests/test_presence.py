@@ -11,8 +11,9 @@ latest change only.
 
 Every test runs on virtual time with ``hub.run()`` started (it runs the grace
 timer). Most use one hub; the drain and crash tests use :class:`Cluster`, two
-hubs in one process that share the rooms' order, history and presence the
-way the Redis backplane shares them across processes.
+hubs in one process on a shared in-memory bus (a third backplane, written
+with public names only) that share the rooms' order, history and presence
+the way the Redis backplane shares them across processes.
 """
 
 from __future__ import annotations
@@ -27,19 +28,15 @@ import attrs
 import pytest
 import trio
 import trio.testing
+from _bus_backplane import BusBackplane, MemoryBus
 from conftest import TEST_CONFIG
 
 from chatcore import (
-    Backplane,
     HandshakeRequest,
     Hub,
     HubConfig,
     Identity,
-    LocalBackplane,
-    OutboundMessage,
-    Position,
     Reject,
-    Sequenced,
     Session,
     serve_connection,
 )
@@ -500,115 +497,32 @@ async def test_a_member_that_rejoins_while_behind_ends_with_the_right_view(
 # -- several nodes: drain and crash ---------------------------------------------------
 
 
-class _FanOut:
-    """The shared store's sink: hands what it delivers to every live node's hub."""
-
-    def __init__(self, cluster: Cluster) -> None:
-        self.cluster = cluster
-
-    def _deliver(self, item: Sequenced) -> None:
-        for hub in self.cluster.live():
-            hub._deliver(item)
-
-    def _broadcast_here(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
-        for hub in self.cluster.live():
-            hub._broadcast_here(room, message, exclude)
-
-    def _deliver_to_user(self, user: str, message: OutboundMessage) -> None:
-        for hub in self.cluster.live():
-            hub._deliver_to_user(user, message)
-
-    def _disconnect_user_here(self, user: str, code: int, reason: str) -> None:
-        for hub in self.cluster.live():
-            hub._disconnect_user_here(user, code, reason)
-
-    # The store never calls these (presence and node liveness are per node).
-    def _presence_event(self, node: str, event: dict[str, Any]) -> None:
-        raise AssertionError("not called by a LocalBackplane")
-
-    def _node_down(self, node: str) -> None:
-        raise AssertionError("not called by a LocalBackplane")
-
-    def _room_reset(self, room: str) -> None:
-        raise AssertionError("not called by a LocalBackplane")
-
-
-class ClusterNode(Backplane):
-    """One node of a :class:`Cluster`: its own node id, the cluster's store."""
-
-    def __init__(self, cluster: Cluster, node_id: str) -> None:
-        self.node_id = node_id
-        self.cluster = cluster
-        self.hub: Hub | None = None
-        #: False once crashed: it hears nothing and nobody hears it.
-        self.alive = True
-
-    def attach(self, sink: Any) -> None:
-        self.hub = sink
-
-    async def publish(
-        self, room: str, sender: str | None, data: Any, nonce: str | None
-    ) -> Position:
-        return await self.cluster.store.publish(room, sender, data, nonce)
-
-    async def position(self, room: str) -> Position:
-        return await self.cluster.store.position(room)
-
-    async def replay(self, room: str, epoch: str, after: int, upto: int) -> list[Sequenced] | None:
-        return await self.cluster.store.replay(room, epoch, after, upto)
-
-    async def recent(self, room: str, limit: int) -> list[Sequenced]:
-        return await self.cluster.store.recent(room, limit)
-
-    async def broadcast(self, room: str, message: OutboundMessage, exclude: str | None) -> None:
-        await self.cluster.store.broadcast(room, message, exclude)
-
-    async def send_to_user(self, user: str, message: OutboundMessage) -> None:
-        await self.cluster.store.send_to_user(user, message)
-
-    async def disconnect_user(self, user: str, code: int, reason: str) -> None:
-        await self.cluster.store.disconnect_user(user, code, reason)
-
-    async def publish_presence(self, event: dict[str, Any]) -> None:
-        await trio.lowlevel.checkpoint()
-        if not self.alive:
-            return
-        wire = json.dumps(event)  # as it would travel
-        for node in self.cluster.nodes:
-            if node is not self and node.alive and node.hub is not None:
-                node.hub._presence_event(self.node_id, json.loads(wire))
-
-
 class Cluster:
     """Hubs in one process that share rooms' order, history and presence.
 
-    What the Redis backplane provides across processes (one order per room,
-    presence events between nodes, a dead node reported once its lease
-    expired), reduced to what these tests need.
+    Each hub runs on its own node of a :class:`MemoryBus` (a backplane made
+    of public names only, tests/_bus_backplane.py), the way the Redis
+    backplane shares them across processes.
     """
 
     def __init__(self) -> None:
-        self.store = LocalBackplane()
-        self.store.attach(_FanOut(self))
-        self.nodes: list[ClusterNode] = []
+        self.bus = MemoryBus()
 
     def hub(self, name: str, **options: Any) -> Hub:
-        node = ClusterNode(self, name)
-        self.nodes.append(node)
-        return presence_hub(backplane=node, **options)
+        return presence_hub(backplane=self.bus.node(name), **options)
 
-    def live(self) -> list[Hub]:
-        return [n.hub for n in self.nodes if n.alive and n.hub is not None]
+    @staticmethod
+    def _node(hub: Hub) -> BusBackplane:
+        assert isinstance(hub.backplane, BusBackplane)
+        return hub.backplane
 
     def crash(self, hub: Hub) -> None:
         """The node stops: it hears nothing, and nobody hears from it."""
-        assert isinstance(hub.backplane, ClusterNode)
-        hub.backplane.alive = False
+        self.bus.crash(self._node(hub))
 
     def lease_expired(self, hub: Hub) -> None:
         """Tell the live nodes that ``hub``'s node is gone (its lease ran out)."""
-        for other in self.live():
-            other._node_down(hub.backplane.node_id)
+        self.bus.lease_expired(self._node(hub))
 
 
 async def test_presence_crosses_nodes(autojump_clock: trio.abc.Clock) -> None:

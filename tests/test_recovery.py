@@ -1,6 +1,6 @@
 """Reconnect recovery: ``join`` with ``since``, on the in-process backplane.
 
-docs/protocol.md promises, per room: a client that comes back with the position it
+The protocol (docs/protocol.md) promises, per room: a client that comes back with the position it
 last saw (``since: {"epoch", "offset"}``) either gets *every* message it
 missed, right after the join reply and before anything live
 (``recovered: true``), or is told ``recovered: false`` and gets nothing

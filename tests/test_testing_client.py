@@ -27,9 +27,10 @@ from chatcore import (
     HandshakeRequest,
     OutboundMessage,
     Reject,
+    serve_websocket,
 )
 from chatcore.testing import RequestFailed, TestClient, open_test_client, open_test_clients
-from chatcore.transports import CloseFrame, TextFrame, serve_websocket
+from chatcore.transports import CloseFrame, TextFrame
 
 
 def raw(text: str) -> OutboundMessage:

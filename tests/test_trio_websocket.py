@@ -21,7 +21,7 @@ import trio
 import trio.testing
 import websockets.trio.client
 
-import chatcore.transports._trio_websocket as trio_websocket_module
+import chatcore._server as server_module
 from chatcore import (
     Accept,
     CloseCause,
@@ -313,7 +313,7 @@ async def test_firewall_contains_an_unexpected_error(
             raise failures.pop()
         await serve_connection(*args, **kwargs)
 
-    monkeypatch.setattr(trio_websocket_module, "serve_connection", flaky)  # the per-client call
+    monkeypatch.setattr(server_module, "serve_connection", flaky)  # the per-client call
     with trio.fail_after(TIMEOUT):
         server = await start_server(App())
         first = await WebSocketPeer.connect(HOST, server.port)
@@ -779,7 +779,7 @@ async def test_repr_shows_client_path_and_state() -> None:
 
 async def test_serve_websocket_is_exported_at_the_top() -> None:
     import chatcore
-    import chatcore.transports
+    import chatcore._server
 
     assert chatcore.serve_websocket is serve_websocket
-    assert chatcore.transports.serve_websocket is serve_websocket
+    assert chatcore._server.serve_websocket is serve_websocket

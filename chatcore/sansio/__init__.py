@@ -10,6 +10,7 @@ room history, presence, rate limits, and the exception base classes. The
 runtime (hub, connection, backplanes) imports only these names.
 """
 
+from ._admission import Admission as Admission
 from ._errors import (
     ChatcoreError as ChatcoreError,
 )
@@ -31,6 +32,18 @@ from ._history import Recovery as Recovery
 from ._history import RecoveryStatus as RecoveryStatus
 from ._limits import TokenBucket as TokenBucket
 from ._limits import WindowCounter as WindowCounter
+from ._nodebus import NodeEvent as NodeEvent
+from ._nodebus import PresenceEvent as PresenceEvent
+from ._nodebus import PresenceJoin as PresenceJoin
+from ._nodebus import PresenceLeave as PresenceLeave
+from ._nodebus import PresenceStateBegin as PresenceStateBegin
+from ._nodebus import PresenceStateEnd as PresenceStateEnd
+from ._nodebus import PresenceSync as PresenceSync
+from ._nodebus import RoomBroadcast as RoomBroadcast
+from ._nodebus import UserDisconnect as UserDisconnect
+from ._nodebus import UserMessage as UserMessage
+from ._nodebus import decode_node_event as decode_node_event
+from ._nodebus import encode_node_event as encode_node_event
 from ._outbox import Delivery as Delivery
 from ._outbox import OutboundMessage as OutboundMessage
 from ._outbox import Outbox as Outbox
@@ -60,6 +73,14 @@ from ._protocol import encode_shutdown as encode_shutdown
 from ._protocol import parse_client_message as parse_client_message
 from ._protocol import valid_room as valid_room
 from ._protocol import valid_user as valid_user
+from ._sequencer import Emit as Emit
+from ._sequencer import EpochChanged as EpochChanged
+from ._sequencer import Held as Held
+from ._sequencer import Position as Position
+from ._sequencer import RoomSequencer as RoomSequencer
+from ._sequencer import Sequenced as Sequenced
+from ._sequencer import SequencerStep as SequencerStep
+from ._sequencer import Stale as Stale
 from ._state import TRANSITIONS as TRANSITIONS
 from ._state import CloseArbiter as CloseArbiter
 from ._state import CloseCause as CloseCause
@@ -73,6 +94,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "TRANSITIONS",
     "Accept",
+    "Admission",
     "AppMessage",
     "BadFrame",
     "ChatcoreError",
@@ -83,20 +105,31 @@ __all__ = [
     "CloseRecord",
     "ConnectionState",
     "Delivery",
+    "Emit",
+    "EpochChanged",
     "ErrorCode",
     "HandshakeRequest",
+    "Held",
     "History",
     "HistoryEntry",
     "Input",
     "Join",
     "Leave",
     "LocalProtocolError",
+    "NodeEvent",
     "OutboundMessage",
     "Outbox",
     "Ping",
     "Pong",
+    "Position",
     "PresenceDiff",
+    "PresenceEvent",
+    "PresenceJoin",
+    "PresenceLeave",
     "PresenceMeta",
+    "PresenceStateBegin",
+    "PresenceStateEnd",
+    "PresenceSync",
     "PresenceTable",
     "ProtocolError",
     "Publish",
@@ -106,13 +139,22 @@ __all__ = [
     "Ref",
     "Reject",
     "RemoteProtocolError",
+    "RoomBroadcast",
+    "RoomSequencer",
+    "Sequenced",
+    "SequencerStep",
     "Since",
+    "Stale",
     "TokenBucket",
+    "UserDisconnect",
+    "UserMessage",
     "WindowCounter",
+    "decode_node_event",
     "encode",
     "encode_error",
     "encode_hello",
     "encode_message",
+    "encode_node_event",
     "encode_reply",
     "encode_reply_error",
     "encode_shutdown",

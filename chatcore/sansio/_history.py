@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 
 Every message of a room gets its place in the room's order: an *offset*, +1
-per message, first message 1 (docs/protocol.md). A :class:`History` keeps the most
+per message, first message 1 (``docs/protocol.md``). A :class:`History` keeps the most
 recent of those messages, already encoded, so a client that comes back with
 ``since: {"epoch", "offset"}`` can be sent exactly what it missed.
 

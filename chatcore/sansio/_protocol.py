@@ -78,7 +78,7 @@ def valid_user(name: object) -> bool:
 
 
 class ErrorCode:
-    """The documented ``error.code`` values (docs/protocol.md)."""
+    """The documented ``error.code`` values (``docs/protocol.md``)."""
 
     BAD_JSON = "bad_json"
     BAD_MESSAGE = "bad_message"
@@ -336,7 +336,14 @@ def encode_error(code: str, message: str) -> OutboundMessage:
 def encode_message(
     room: str, offset: int, epoch: str, sender: str | None, data: Any
 ) -> OutboundMessage:
-    """A room ``message`` (durable: it has its place in the room's order)."""
+    """A room ``message`` (durable: it has its place in the room's order).
+
+    A backplane encodes each room message once, where its offset is
+    assigned, with this (the Redis backplane's script builds the same bytes).
+
+    Raises:
+        TypeError, ValueError: ``data`` is not JSON-serialisable.
+    """
     return encode(
         {
             "type": "message",

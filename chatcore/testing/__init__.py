@@ -1,4 +1,4 @@
-"""Testing helpers: the test client for applications, and the transport conformance suite.
+"""Testing helpers: the test client for applications, and the conformance suites.
 
 For applications (see ``docs/testing.md``):
 
@@ -19,8 +19,19 @@ For transports (see ``docs/transports.md``):
   :class:`WebSocketPeer` over a socket, which can also misbehave on purpose
   (raw frames, a reset, a client that stops reading). :class:`TestClient`
   runs on them; applications need not touch them.
+
+For backplanes (see ``docs/scale-out.md``):
+
+* :func:`check_backplane` checks that a backplane keeps the
+  :class:`~chatcore.Backplane` contract, running :data:`BACKPLANE_CHECKS`
+  with a :class:`BackplaneRecorder` in place of a hub, on backplanes from a
+  :class:`BackplaneFactory`.
 """
 
+from ._backplane_conformance import BACKPLANE_CHECKS as BACKPLANE_CHECKS
+from ._backplane_conformance import BackplaneFactory as BackplaneFactory
+from ._backplane_conformance import BackplaneRecorder as BackplaneRecorder
+from ._backplane_conformance import check_backplane as check_backplane
 from ._client import RequestFailed as RequestFailed
 from ._client import TestClient as TestClient
 from ._client import open_test_client as open_test_client
@@ -35,13 +46,17 @@ from ._peers import TransportPeer as TransportPeer
 from ._peers import WebSocketPeer as WebSocketPeer
 
 __all__ = [
+    "BACKPLANE_CHECKS",
     "MESSAGE_STREAM_CHECKS",
+    "BackplaneFactory",
+    "BackplaneRecorder",
     "MemoryPeer",
     "PairFactory",
     "RequestFailed",
     "TestClient",
     "TransportPeer",
     "WebSocketPeer",
+    "check_backplane",
     "check_message_stream",
     "open_memory_pair",
     "open_test_client",

@@ -8,4 +8,3 @@ from ._memory import TextFrame as TextFrame
 from ._memory import memory_stream_pair as memory_stream_pair
 from ._trio_websocket import TrioWebSocketStream as TrioWebSocketStream
 from ._trio_websocket import open_trio_websocket_stream as open_trio_websocket_stream
-from ._trio_websocket import serve_websocket as serve_websocket

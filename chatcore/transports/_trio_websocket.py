@@ -1,4 +1,4 @@
-"""The trio-websocket transport, and chatcore's WebSocket server built on it.
+"""The trio-websocket transport: a trio-websocket connection as a :class:`MessageStream`.
 
 Theory of operation
 -------------------
@@ -13,7 +13,7 @@ see ``docs/transports.md``). Each trap and the piece that handles it:
 
 * **An exception in a handler, or ``accept()`` after ``reject()``, kills
   trio-websocket's ``serve_websocket`` and every connection on it.** We do not
-  use that server: :func:`serve_websocket` runs each client behind its own
+  use that server: :func:`chatcore.serve_websocket` runs each client behind its own
   exception firewall, and :class:`TrioWebSocketStream` answers a handshake at
   most once (a second answer raises :class:`~chatcore.LocalProtocolError`
   before the library is touched).
@@ -63,7 +63,6 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import NoReturn
 
 import attrs
 import trio
@@ -73,15 +72,13 @@ from wsproto.connection import ConnectionState as WsState
 from wsproto.frame_protocol import FrameProtocol
 
 from .._config import Config
-from .._connection import ConnectionHandler, serve_connection
 from .._exceptions import ChatcoreError, LocalProtocolError, PeerGone, RemoteProtocolError
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest
 
-__all__ = ["TrioWebSocketStream", "open_trio_websocket_stream", "serve_websocket"]
+__all__ = ["TrioWebSocketStream", "open_trio_websocket_stream"]
 
 logger = logging.getLogger("chatcore.transport")
-server_logger = logging.getLogger("chatcore.server")
 
 #: Every exception trio-websocket, wsproto, trio streams or the OS may raise
 #: for a link that failed. All of them become :class:`PeerGone`.
@@ -98,8 +95,6 @@ _LINK_ERRORS: tuple[type[Exception], ...] = (
 # library's reader is gone, but if it is not, the read is refused (busy).
 _DRAIN_ERRORS: tuple[type[Exception], ...] = (*_LINK_ERRORS, trio.BusyResourceError)
 
-# What the server's firewall lets through: cancellation and interpreter exits.
-_PASS_THROUGH = (trio.Cancelled, KeyboardInterrupt, SystemExit, GeneratorExit)
 
 # SO_LINGER on, timeout 0: close() sends a RST and discards unsent data.
 _LINGER_RST = struct.pack("ii", 1, 0)
@@ -719,91 +714,3 @@ async def open_trio_websocket_stream(
     await link.release(graceful=False)
     if failure is not None:
         raise failure
-
-
-def _log_crash(exc: BaseException, client: object) -> None:
-    server_logger.error("client %s: unexpected error; connection dropped", client, exc_info=exc)
-
-
-def _firewall(exc: BaseException, client: object) -> None:
-    """Log what a client connection raised; re-raise only cancellation and exits."""
-    if isinstance(exc, BaseExceptionGroup):
-        passing, crashing = exc.split(_PASS_THROUGH)
-        if crashing is not None:
-            _log_crash(crashing, client)
-        if passing is not None:
-            raise passing
-        return
-    if isinstance(exc, _PASS_THROUGH):
-        raise exc
-    _log_crash(exc, client)
-
-
-async def _serve_client(
-    stream: trio.SocketStream, handler: ConnectionHandler, config: Config
-) -> None:
-    """One client of :func:`serve_websocket`, behind an exception firewall."""
-    client, _ = _describe_peer(stream)
-    try:
-        async with open_trio_websocket_stream(stream, config=config) as transport:
-            await serve_connection(transport, handler, config=config)
-    except PeerGone:
-        server_logger.debug("client %s: no WebSocket handshake; dropped", client)
-    except BaseException as exc:
-        _firewall(exc, client)
-    finally:
-        await trio.aclose_forcefully(stream)
-
-
-async def serve_websocket(
-    handler: ConnectionHandler,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    *,
-    config: Config | None = None,
-    handler_nursery: trio.Nursery | None = None,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> NoReturn:
-    """Serve WebSocket clients over TCP with trio-websocket; never returns.
-
-    Each client runs as one connection actor (:func:`chatcore.serve_connection`)
-    behind an exception firewall: nothing a client or the handler does can end
-    the server or another connection (errors are logged on the
-    ``chatcore.server`` logger). A client that does not complete its
-    handshake within :attr:`Config.handshake_timeout
-    <chatcore.Config.handshake_timeout>` is dropped.
-
-    Use it with ``nursery.start`` to learn the bound port::
-
-        listeners = await nursery.start(serve_websocket, handler, "127.0.0.1", 0)
-        port = listeners[0].socket.getsockname()[1]
-
-    Args:
-        handler: The application (authenticate, handle, connection_closed);
-            its ``run`` is started before the first client is accepted.
-        host: Interface to bind (``"0.0.0.0"`` for all IPv4 interfaces).
-        port: TCP port; 0 picks a free one.
-        config: Bounds and timings (default: ``handler.connection_config``,
-            else :class:`~chatcore.Config` ``()``).
-        handler_nursery: Nursery to run client tasks in (default: an internal one).
-        task_status: Started with the list of :class:`trio.SocketListener`.
-
-    Raises:
-        OSError: the listening socket could not be opened.
-
-    Cancellation: the listeners close, and every open connection closes with
-    1012 (shielded, bounded by :attr:`Config.close_timeout
-    <chatcore.Config.close_timeout>`) before this returns.
-    """
-    cfg = config or handler.connection_config or Config()
-    listeners = await trio.open_tcp_listeners(port, host=host)
-
-    async def serve_client(stream: trio.SocketStream) -> None:
-        await _serve_client(stream, handler, cfg)
-
-    async with trio.open_nursery() as nursery:
-        # The handler's background work (a hub's backplane and presence timer).
-        await nursery.start(handler.run)
-        await trio.serve_listeners(
-            serve_client, listeners, handler_nursery=handler_nursery, task_status=task_status
-        )

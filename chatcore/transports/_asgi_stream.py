@@ -8,10 +8,12 @@ Theory of operation
 -------------------
 
 An ASGI server gives the application a ``receive`` and a ``send`` coroutine
-per WebSocket and keeps the socket to itself. :func:`serve_asgi_websocket`
-turns one ``websocket`` scope into a :class:`ASGIStream` (the scope's dicts are
-converted into a :class:`~chatcore.sansio.HandshakeRequest` here, and nothing
-past this module sees a dict) and runs chatcore's connection actor on it.
+per WebSocket and keeps the socket to itself. An :class:`ASGIStream` is one
+``websocket`` scope as a :class:`~chatcore.MessageStream` (the scope's dicts
+are converted into a :class:`~chatcore.sansio.HandshakeRequest` here, and
+nothing past this module sees a dict); the server layer
+(``chatcore._server.serve_asgi_websocket``) runs chatcore's connection actor
+on it.
 
 hypercorn's behaviour forces the following rules. Each is a trap we measured;
 docs/deploy.md lists them for users with what chatcore does about each, and
@@ -22,7 +24,7 @@ talking.** If the ASGI application finishes (returns, raises, even after
 sending a close) while hypercorn's reader task is answering the client's close
 frame, hypercorn's two tasks collide on the socket and ``trio.BusyResourceError``
 crashes the *whole server* (every connection on it). So after the actor is
-done, :func:`serve_asgi_websocket` waits, bounded by ``linger``, until
+done, the server layer waits, bounded by ``linger``, until
 ``websocket.disconnect`` arrived, and nothing but :class:`trio.Cancelled`
 ever leaves it.
 
@@ -63,8 +65,6 @@ from typing import Any, TypeAlias
 
 import trio
 
-from .._config import Config
-from .._connection import ConnectionHandler, serve_connection
 from .._exceptions import LocalProtocolError, PeerGone
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest, handshake_status_for
@@ -77,9 +77,7 @@ __all__ = [
     "ASGISend",
     "ASGIStream",
     "deny_websocket",
-    "refuse_asgi_websocket",
     "request_from_scope",
-    "serve_asgi_websocket",
 ]
 
 logger = logging.getLogger("chatcore.asgi")
@@ -466,100 +464,3 @@ class ASGIStream(MessageStream):
                 except PeerGone:
                     break
         return self._disconnected
-
-
-async def serve_asgi_websocket(
-    scope: ASGIScope,
-    receive: ASGIReceive,
-    send: ASGISend,
-    handler: ConnectionHandler,
-    *,
-    config: Config | None = None,
-    linger: float = LINGER,
-) -> None:
-    """Serve one ASGI ``websocket`` scope with chatcore's connection actor.
-
-    Receives ``websocket.connect``, converts the scope, runs
-    :func:`~chatcore.serve_connection` on an :class:`ASGIStream`, then lingers
-    until ``websocket.disconnect`` (bounded by ``linger``) before returning,
-    because returning earlier can crash hypercorn (Rule 1).
-
-    Never raises except :class:`trio.Cancelled`: an error (a chatcore bug, a
-    malformed scope) is logged, and a handshake nobody answered is refused
-    with 500 (400 for a malformed scope). Cancellation (server shutdown) closes
-    an open connection with 1012, shielded and bounded by
-    :attr:`Config.close_timeout`, then propagates without lingering.
-
-    Args:
-        scope: The ``websocket`` scope.
-        receive: The server's ``receive``.
-        send: The server's ``send``.
-        handler: The application (a :class:`~chatcore.Hub` or any handler).
-        config: Bounds of the connection (default :class:`~chatcore.Config` ``()``).
-        linger: Seconds to wait for the disconnect after the connection ended.
-    """
-    stream: ASGIStream | None = None
-    try:
-        first = await receive()
-        if first.get("type") != "websocket.connect":
-            return  # the client left before the handshake reached us
-        try:
-            stream = ASGIStream(scope, receive, send)
-        except ValueError as exc:
-            logger.warning("refusing a malformed websocket scope: %s", exc)
-            await deny_websocket(scope, send, 400, b"malformed request")
-            return
-        async with trio.open_nursery() as nursery:
-            watcher = await nursery.start(_notice_cancellation, stream)
-            await serve_connection(stream, handler, config=config)
-            watcher.cancel()
-    except Exception:
-        # serve_connection never raises because of the client or the
-        # application, so this is a chatcore bug; it must still not escape.
-        logger.exception("ASGI websocket %s: unexpected error", scope.get("path"))
-        if stream is not None and not stream.answered:
-            await _refuse_quietly(scope, send, 500)
-    if stream is not None and stream.accepted:
-        await stream.linger(linger)
-
-
-async def _notice_cancellation(
-    stream: ASGIStream, *, task_status: trio.TaskStatus[trio.CancelScope]
-) -> None:
-    """Sleeps beside the connection; if the server cancels us, tells the stream."""
-    with trio.CancelScope() as own:
-        task_status.started(own)
-        try:
-            await trio.sleep_forever()
-        finally:
-            if not own.cancel_called:  # cancelled from outside: the server
-                stream._stop_waiting()
-
-
-async def _refuse_quietly(scope: ASGIScope, send: ASGISend, status: int) -> None:
-    try:
-        await deny_websocket(scope, send, status, b"internal error")
-    except Exception as exc:
-        logger.debug("refusal not delivered: %r", exc)
-
-
-async def refuse_asgi_websocket(
-    scope: ASGIScope,
-    receive: ASGIReceive,
-    send: ASGISend,
-    status: int,
-    body: bytes = b"",
-    headers: tuple[tuple[str, str], ...] = (),
-) -> None:
-    """Refuse a WebSocket scope without running a connection (wrong path, draining).
-
-    Receives ``websocket.connect``, then answers with :func:`deny_websocket`.
-    Never raises except :class:`trio.Cancelled` (a client that already left
-    makes the refusal moot).
-    """
-    try:
-        first = await receive()
-        if first.get("type") == "websocket.connect":
-            await deny_websocket(scope, send, status, body, headers)
-    except Exception as exc:
-        logger.debug("refusal (%d) not delivered: %r", status, exc)

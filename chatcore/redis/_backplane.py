@@ -1,360 +1,69 @@
-"""Scale-out on Redis: :class:`RedisBackplane`, the backplane across processes and nodes.
+"""The Redis backplane: the calls, the supervised session, incoming messages.
 
-Install the extra: ``pip install 'chatcore[redis]'`` (it pulls in ``coredis``).
-
-Theory of operation
--------------------
-
-Rule 1: **a room's order is decided in one place, a Lua script.** For a room
-``R`` the script ``_PUBLISH_LUA`` makes sure the room has an epoch (the
-caller's fresh random one is stored only if none is), increments the offset,
-builds the final ``message`` text by concatenating JSON fragments the node
-encoded (so it is byte-identical to :func:`~chatcore.sansio._protocol.encode_message`),
-appends it to the room's capped stream (entry id ``<offset>-0``) and
-``PUBLISH``-es ``offset, epoch, nonce, text`` on the room's channel, all
-atomically. Its reply, ``(epoch, offset)``, is the publisher's ``ok``: a
-message is reported sequenced only once it is in the stream.
-
-Rule 2: **a node hears a room only on the room's channel.** Every node that
-:meth:`~RedisBackplane.watch`-es a room subscribes to its channel and hands
-each message to the hub (:meth:`BackplaneSink._deliver`), the publishing node
-included: Redis delivers a channel's messages in execution order, so the
-channel is the one ordered path. The publisher's reply and its own message meet
-in the hub by ``nonce``.
-
-Rule 3: **the subscription is supervised here, not in coredis.** coredis
-6.9's own pub/sub recovery is not trusted (iteration can end silently after a
-reconnect, messages published while it resubscribes are lost, a pool slot
-leaks per reconnect, its backoff never resets). A *session* is one fresh
-coredis client with three connections (subscription, publishing, commands).
-The subscription is pinged every ``heartbeat_interval`` and every command has
-a reply deadline, so a dead or hung (``SIGSTOP``-ped) server ends the session
-within about ``heartbeat_interval + command_timeout``. Then the backplane is
-:attr:`~RedisBackplane.degraded`, and reconnects with exponential backoff and
-jitter that starts over after a session that held. A new session subscribes
-to every watched room *first*, then reads each room's stream from the last
-offset it delivered (*catch-up*) before it delivers anything from the
-channels, so nothing published during the outage or the resubscribe is lost,
-and duplicates are dropped by offset.
-
-Rule 4: **while Redis is away, calls fail fast and nothing lies.** Publishes
-wait up to ``request_timeout`` for Redis to come back (a short blip is ridden
-out), then raise :class:`~chatcore.BackplaneError` (the hub answers
-``unavailable``); once the outage is older than that, at once. A publish whose
-script was sent but whose reply never came may or may not have been
-sequenced: it is reported as failed, and if it was stored every member still
-receives it. Open client connections stay up throughout.
-
-Rule 5: **lost history is a new epoch.** If a room's keys vanish (Redis
-restarted without persistence, eviction, the idle TTL), the next script run
-creates a new epoch (and drops any leftover stream). A node that sees a
-watched room's epoch change calls :meth:`BackplaneSink._room_reset` once per
-change; messages of an epoch it has already left behind are dropped.
-
-Keys and channels
------------------
-
-Per room, hash-tagged so a room's keys share one Redis Cluster slot::
-
-    {prefix}:{<room>}:meta     hash: e = epoch, o = last offset
-    {prefix}:{<room>}:log      stream: id <offset>-0, fields t (ms), m (text)
-    {prefix}:{<room>}:ch       channel: "<offset>\\n<epoch>\\n<nonce>\\n<text>", and
-                               broadcasts: "b<JSON header>\\n<text>"
-
-Per deployment::
-
-    {prefix}:nodes             zset: node id -> lease expiry (Redis ms)
-    {prefix}:bus               channel: directed messages, disconnects, presence
-
-Directed delivery (``send_to_user``, ``disconnect_user``) and presence go over
-the one bus channel every node subscribes to: a node keeps no per-user
-subscriptions, so there is no subscribe race when a user's tab connects to a
-node; each node looks the user up locally. Broadcasts (messages outside a
-room's order) go over the room's channel, so only nodes with members hear
-them. For all three the sending node delivers to its own connections directly
-(also while Redis is down) and ignores its echo. None of these is stored: a
-node that is disconnected when one is sent misses it (a hub that has
-``_resync`` is told after every reconnect, to re-announce its presence).
-
-Subscriptions follow :meth:`~RedisBackplane.watch`; after
-:meth:`~RedisBackplane.unwatch` a room stays subscribed for
-``unsubscribe_linger`` seconds, so the hub's unwatch/watch around a first join,
-and members leaving and coming right back, keep the live subscription (and
-what this node knows of the room).
-
-Node liveness: every node refreshes its lease in the ``nodes`` zset every
-``node_ttl / 3`` seconds with a script that also reaps expired leases (Redis
-clock). A node that disappears from the zset (and whose last lease expired) is
-reported once through :meth:`BackplaneSink._node_down`. After a reconnect, no
-node is reported down for one ``node_ttl``, so peers that are re-registering
-after a Redis restart are not mistaken for dead ones.
+See the package docs (:mod:`chatcore.redis`) for the rules it keeps.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Sequence
 from contextlib import AsyncExitStack, aclosing
-from typing import Any, Final, cast
+from typing import Any
 
 import anyio
-import attrs
+import coredis
+import coredis.exceptions
 import trio
+from coredis.retry import NoRetryPolicy
 
-try:
-    import coredis
-    import coredis.exceptions
-    from coredis.retry import NoRetryPolicy
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError(
-        "chatcore.redis needs the coredis package: pip install 'chatcore[redis]'"
-    ) from exc
-
-from ._backplane import (
+from .._backplane import (
     Backplane,
     BackplaneError,
+    BackplaneEvent,
     BackplaneSink,
     HistoryConfig,
+    NodeDown,
     Position,
+    Reconnected,
+    RoomReset,
     Sequenced,
 )
-from .sansio import Delivery, OutboundMessage
+from ..sansio import (
+    NodeEvent,
+    OutboundMessage,
+    PresenceEvent,
+    RoomBroadcast,
+    UserDisconnect,
+    UserMessage,
+    decode_node_event,
+    encode_node_event,
+)
+from ._records import (
+    BURST,
+    CATCH_UP_ROUND,
+    SUBSCRIBE_CHUNK,
+    PublishItem,
+    RedisBackplaneStatistics,
+    RedisSession,
+    RoomState,
+    SessionLost,
+    as_int,
+    as_list,
+    as_str,
+    describe,
+    is_link_error,
+    parse_entries,
+    push_buffer,
+)
+from ._scripts import JSON, SCRIPTS
 
-__all__ = ["RedisBackplane", "RedisBackplaneStatistics"]
+__all__ = ["RedisBackplane"]
 
 logger = logging.getLogger("chatcore.redis")
-
-# One JSON encoder with exactly the options of chatcore.sansio.encode, so every
-# fragment the script concatenates is byte-identical to encode_message's.
-_JSON: Final = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
-
-#: Sequence, store and publish one room message (Rule 1).
-#: KEYS: meta, log. ARGV: fresh epoch, room JSON, sender JSON, data JSON,
-#: nonce, max messages, channel, log TTL ms (0: none), meta TTL ms (0: none).
-_PUBLISH_LUA: Final = r"""
-local meta, log = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'e')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', log)
-  redis.call('HSET', meta, 'e', epoch)
-end
-local offset = redis.call('HINCRBY', meta, 'o', 1)
-local o = string.format('%d', offset)
-local text = '{"type":"message","room":' .. ARGV[2] .. ',"offset":' .. o ..
-  ',"epoch":"' .. epoch .. '","from":' .. ARGV[3] .. ',"data":' .. ARGV[4] .. '}'
-local now = redis.call('TIME')
-local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
-redis.call('XADD', log, 'MAXLEN', '~', ARGV[6], o .. '-0', 't', ms, 'm', text)
-if ARGV[8] ~= '0' then redis.call('PEXPIRE', log, ARGV[8]) end
-if ARGV[9] ~= '0' then redis.call('PEXPIRE', meta, ARGV[9]) end
-redis.call('PUBLISH', ARGV[7], o .. '\n' .. epoch .. '\n' .. ARGV[5] .. '\n' .. text)
-return {epoch, offset}
-"""
-
-#: A room's position and, optionally, stored messages after an offset.
-#: KEYS: meta, log. ARGV: fresh epoch ('' : do not create one, nor refresh the
-#: TTL), expected epoch ('' : any), after, upto ('+' : the end), count (0: no
-#: messages), meta TTL ms (0: none).
-#: Returns {epoch or false, last offset, now ms, entries}; entries only when
-#: the epoch is the expected one.
-_READ_LUA: Final = r"""
-local meta, log = KEYS[1], KEYS[2]
-local epoch = redis.call('HGET', meta, 'e')
-if ARGV[1] ~= '' then
-  if not epoch then
-    epoch = ARGV[1]
-    redis.call('DEL', log)
-    redis.call('HSET', meta, 'e', epoch, 'o', 0)
-  end
-  if ARGV[6] ~= '0' then redis.call('PEXPIRE', meta, ARGV[6]) end
-end
-local now = redis.call('TIME')
-local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
-if not epoch then return {false, 0, ms, {}} end
-local offset = tonumber(redis.call('HGET', meta, 'o') or '0')
-local entries = {}
-local count = tonumber(ARGV[5])
-if count > 0 and (ARGV[2] == '' or ARGV[2] == epoch) then
-  local upto = ARGV[4]
-  if upto ~= '+' then upto = upto .. '-0' end
-  entries = redis.call('XRANGE', log, (tonumber(ARGV[3]) + 1) .. '-0', upto, 'COUNT', count)
-end
-return {epoch, offset, ms, entries}
-"""
-
-#: A room's newest stored messages.
-#: KEYS: meta, log. ARGV: count. Returns {epoch or false, now ms, entries newest first}.
-_RECENT_LUA: Final = r"""
-local epoch = redis.call('HGET', KEYS[1], 'e')
-local now = redis.call('TIME')
-local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
-if not epoch then return {false, ms, {}} end
-return {epoch, ms, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
-"""
-
-#: Refresh this node's lease and reap expired ones.
-#: KEYS: nodes. ARGV: node id, ttl ms. Returns {now ms, {node, expiry, ...}}.
-_LEASE_LUA: Final = r"""
-local now = redis.call('TIME')
-local ms = now[1] * 1000 + math.floor(now[2] / 1000)
-redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-return {string.format('%d', ms), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
-"""
-
-_SCRIPTS: Final = {
-    "publish": _PUBLISH_LUA,
-    "read": _READ_LUA,
-    "recent": _RECENT_LUA,
-    "lease": _LEASE_LUA,
-}
-
-# How many channels go into one SUBSCRIBE, and rooms into one catch-up round.
-_SUBSCRIBE_CHUNK: Final = 1_000
-_CATCH_UP_ROUND: Final = 256
-# Push messages handed to the hub in one scheduler pass, at most.
-_BURST: Final = 1_024
-# Epochs a room remembers having left (messages from them are dropped).
-_RETIRED_EPOCHS: Final = 8
-
-
-class _SessionLost(Exception):
-    """This session cannot go on (the supervisor reconnects)."""
-
-
-@attrs.frozen
-class RedisBackplaneStatistics:
-    """A snapshot of a :class:`RedisBackplane` (see :meth:`RedisBackplane.statistics`).
-
-    Attributes:
-        node_id: This node's id.
-        connected: A session is established (subscribed and caught up).
-        degraded: Not connected (the backplane cannot currently do its job).
-        degraded_for: Seconds since the backplane became degraded, or ``None``.
-        sessions: Sessions established since :meth:`RedisBackplane.run` started.
-        session_failures: Sessions (or connection attempts) that ended in an error.
-        last_error: Why the last session ended or the last attempt failed.
-        watched_rooms: Rooms this node watches (subscribed, or will be on reconnect).
-        queued_publishes: Publishes waiting for the publishing task.
-        published: Messages sequenced through this node.
-        publish_failures: Publishes that raised :class:`~chatcore.BackplaneError`.
-        delivered: Room messages handed to the hub (live and caught up).
-        caught_up: Of those, read from the streams after a (re)connect.
-        duplicates: Room messages dropped because they were already delivered.
-        room_resets: Epoch changes seen for watched rooms.
-        nodes: Other nodes currently known to be alive.
-    """
-
-    node_id: str
-    connected: bool
-    degraded: bool
-    degraded_for: float | None
-    sessions: int
-    session_failures: int
-    last_error: str | None
-    watched_rooms: int
-    queued_publishes: int
-    published: int
-    publish_failures: int
-    delivered: int
-    caught_up: int
-    duplicates: int
-    room_resets: int
-    nodes: int
-
-
-@attrs.define(eq=False)
-class _RoomState:
-    """What this node knows of a watched room."""
-
-    # The room's epoch as last seen here (None: not learned yet).
-    epoch: str | None = None
-    # The last offset handed to the hub in ``epoch`` (dedupe and catch-up start).
-    delivered: int = 0
-    # The highest position() answered for the room: the hub has everything up
-    # to it. Catch-up starts after ``delivered``, or after this if nothing
-    # was delivered yet.
-    known: int = 0
-    # Epochs this room left behind; their messages are stale.
-    retired: deque[str] = attrs.Factory(lambda: deque(maxlen=_RETIRED_EPOCHS))
-    # Set once the current session's SUBSCRIBE for the room is acknowledged.
-    subscribed: trio.Event = attrs.Factory(trio.Event)
-    # False while the subscription lingers after unwatch() (see _linger_loop).
-    watched: bool = True
-
-
-@attrs.define(eq=False)
-class _PublishItem:
-    """One queued publish: the script's arguments and the caller's outcome."""
-
-    room: str
-    args: tuple[str, ...]
-    done: trio.Event = attrs.Factory(trio.Event)
-    result: tuple[str, int] | None = None
-    error: BackplaneError | None = None
-    # The script was handed to Redis: from here on the outcome is unknown until
-    # the reply comes.
-    sent: bool = False
-    # The caller gave up (deadline or cancellation) before it was sent: skip it.
-    abandoned: bool = False
-
-    def resolve(self, epoch: str, offset: int) -> None:
-        self.result = (epoch, offset)
-        self.done.set()
-
-    def fail(self, error: BackplaneError) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
-
-
-@attrs.define(eq=False)
-class _Session:
-    """One connected period: a fresh coredis client and its three connections."""
-
-    client: coredis.Redis[bytes]
-    sub: coredis.BaseConnection
-    pub: coredis.BaseConnection
-    cmd: coredis.BaseConnection
-    # SHA1 of each script, by name.
-    shas: dict[str, bytes]
-    # Cancelling it ends the session (see RedisBackplane._kick).
-    scope: trio.CancelScope
-    # (UN)SUBSCRIBE commands sent per channel whose acknowledgement is pending.
-    inflight: dict[bytes, int] = attrs.Factory(dict)
-    unacked: int = 0
-    # Subscribed and caught up: serving calls.
-    established: bool = False
-    # Redis ms before which no node is reported down (a grace after connecting).
-    grace_until_ms: int = 0
-
-
-def _as_str(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, str):
-        return value
-    raise BackplaneError(f"unexpected reply from Redis: {value!r}")
-
-
-def _as_int(value: object) -> int:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, (bytes, str)):
-        return int(value)
-    raise BackplaneError(f"unexpected reply from Redis: {value!r}")
-
-
-def _as_list(value: object) -> list[Any]:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise BackplaneError(f"unexpected reply from Redis: {value!r}")
 
 
 class RedisBackplane(Backplane):
@@ -462,7 +171,7 @@ class RedisBackplane(Backplane):
         self._sink: BackplaneSink | None = None
         # Subscribed rooms (watched, or lingering after unwatch), and the
         # channel -> room map for incoming messages.
-        self._rooms: dict[str, _RoomState] = {}
+        self._rooms: dict[str, RoomState] = {}
         self._channel_rooms: dict[bytes, str] = {}
         # Unwatched rooms -> when their subscription ends.
         self._lingering: dict[str, float] = {}
@@ -471,12 +180,10 @@ class RedisBackplane(Backplane):
         self._nodes: dict[str, int] = {}
         # Publishes: the bounded queue, and those taken from it but not sent
         # when a session ended (sent first by the next session).
-        self._queue_send, self._queue_receive = trio.open_memory_channel[_PublishItem](
-            publish_queue
-        )
-        self._carry: deque[_PublishItem] = deque()
+        self._queue_send, self._queue_receive = trio.open_memory_channel[PublishItem](publish_queue)
+        self._carry: deque[PublishItem] = deque()
         self._running = False
-        self._session: _Session | None = None
+        self._session: RedisSession | None = None
         # Set while a session is established; replaced when it ends.
         self._connected = trio.Event()
         self._degraded_since: float | None = None
@@ -613,9 +320,9 @@ class RedisBackplane(Backplane):
         # Encoding first: unencodable data raises before anything is queued.
         args = (
             secrets.token_hex(4),
-            _JSON.encode(room),
-            _JSON.encode(sender),
-            _JSON.encode(data),
+            JSON.encode(room),
+            JSON.encode(sender),
+            JSON.encode(data),
             nonce or "",
             str(self.history.max_messages),
             self._channel(room).decode(),
@@ -625,7 +332,7 @@ class RedisBackplane(Backplane):
         if nonce is not None and "\n" in nonce:
             raise ValueError("a publish nonce cannot contain a newline")
         self._check_available()
-        item = _PublishItem(room, args)
+        item = PublishItem(room, args)
         try:
             with trio.move_on_after(self._request_timeout):
                 await self._queue_send.send(item)
@@ -669,7 +376,7 @@ class RedisBackplane(Backplane):
             reply = await self._command(
                 session, "read", room, secrets.token_hex(4), "", "0", "+", "0", self._meta_ttl_ms
             )
-            epoch, offset = _as_str(reply[0]), _as_int(reply[1])
+            epoch, offset = as_str(reply[0]), as_int(reply[1])
             if state is not None and self._rooms.get(room) is state:
                 self._observe_epoch(room, state, epoch)
                 if epoch == state.epoch:
@@ -695,11 +402,11 @@ class RedisBackplane(Backplane):
             reply = await self._command(
                 session, "read", room, "", epoch, str(after), str(upto), str(upto - after), "0"
             )
-            if reply[0] is None or _as_str(reply[0]) != epoch or _as_int(reply[1]) < upto:
+            if reply[0] is None or as_str(reply[0]) != epoch or as_int(reply[1]) < upto:
                 return None
-            now_ms = _as_int(reply[2])
-            entries = _as_list(reply[3])
-            if len(entries) != upto - after:
+            now_ms = as_int(reply[2])
+            raw_entries = as_list(reply[3])
+            if len(raw_entries) != upto - after:
                 return None
             oldest_ms = (
                 None if self.history.max_age is None else now_ms - self.history.max_age * 1000
@@ -707,7 +414,7 @@ class RedisBackplane(Backplane):
             budget = self.history.max_bytes
             result = []
             expected = after + 1
-            for offset, at_ms, text in self._entries(entries):
+            for offset, at_ms, text in parse_entries(raw_entries):
                 if offset != expected or (oldest_ms is not None and at_ms < oldest_ms):
                     return None
                 if budget is not None:
@@ -731,7 +438,7 @@ class RedisBackplane(Backplane):
             state.watched = True
             self._lingering.pop(room, None)
             return
-        self._rooms[room] = _RoomState()
+        self._rooms[room] = RoomState()
         channel = self._channel(room)
         self._channel_rooms[channel] = room
         self._send_subscription(b"SUBSCRIBE", [channel])
@@ -761,7 +468,7 @@ class RedisBackplane(Backplane):
             return []
         with trio.move_on_after(self._request_timeout):
             session = await self._wait_established()
-            reply = _as_list(
+            reply = as_list(
                 await self._request(
                     session,
                     session.cmd,
@@ -772,13 +479,13 @@ class RedisBackplane(Backplane):
             )
             if reply[0] is None:
                 return []
-            epoch, now_ms = _as_str(reply[0]), _as_int(reply[1])
+            epoch, now_ms = as_str(reply[0]), as_int(reply[1])
             oldest_ms = (
                 None if self.history.max_age is None else now_ms - self.history.max_age * 1000
             )
             result = [
                 Sequenced(room, epoch, offset, OutboundMessage(text, len(text)))
-                for offset, at_ms, text in self._entries(_as_list(reply[2]))
+                for offset, at_ms, text in parse_entries(as_list(reply[2]))
                 if oldest_ms is None or at_ms >= oldest_ms
             ]
             result.reverse()
@@ -795,9 +502,9 @@ class RedisBackplane(Backplane):
         Raises:
             BackplaneError: the other nodes could not be told.
         """
-        self._call_sink("_broadcast_here", room, message, exclude)
-        header = [self.node_id, exclude, message.delivery.value, message.key, message.nbytes]
-        await self._publish_raw(self._channel(room), b"b", header, message.text)
+        event = RoomBroadcast(self.node_id, room, message, exclude)
+        self._emit(event)
+        await self._publish_raw(self._channel(room), encode_node_event(event))
 
     async def send_to_user(self, user: str, message: OutboundMessage) -> None:
         """Deliver ``message`` to every connection of ``user`` on every node.
@@ -809,9 +516,9 @@ class RedisBackplane(Backplane):
             BackplaneError: the other nodes could not be told (Redis
                 unavailable); this node's connections did get it.
         """
-        self._call_sink("_deliver_to_user", user, message)
-        header = [self.node_id, user, message.delivery.value, message.key, message.nbytes]
-        await self._publish_bus(b"u", header, message.text)
+        event = UserMessage(self.node_id, user, message)
+        self._emit(event)
+        await self._publish_raw(self._bus, encode_node_event(event))
 
     async def disconnect_user(self, user: str, code: int, reason: str) -> None:
         """Close every connection of ``user`` on every node.
@@ -822,17 +529,18 @@ class RedisBackplane(Backplane):
         Raises:
             BackplaneError: the other nodes could not be told.
         """
-        self._call_sink("_disconnect_user_here", user, code, reason)
-        await self._publish_bus(b"d", [self.node_id, user, code], reason)
+        event = UserDisconnect(self.node_id, user, code, reason)
+        self._emit(event)
+        await self._publish_raw(self._bus, encode_node_event(event))
 
-    async def publish_presence(self, event: dict[str, Any]) -> None:
-        """Tell the other nodes about a local presence change.
+    async def publish_presence(self, event: PresenceEvent) -> None:
+        """Tell the other nodes about a presence change of this node.
 
         Raises:
-            TypeError, ValueError: ``event`` is not JSON-serialisable.
+            TypeError, ValueError: the event's data is not JSON-serialisable.
             BackplaneError: Redis unavailable.
         """
-        await self._publish_bus(b"p", [self.node_id], _JSON.encode(event))
+        await self._publish_raw(self._bus, encode_node_event(event))
 
     # -- calls ------------------------------------------------------------
 
@@ -843,7 +551,7 @@ class RedisBackplane(Backplane):
         if since is not None and trio.current_time() - since >= self._request_timeout:
             raise BackplaneError("Redis is unavailable")
 
-    async def _wait_established(self) -> _Session:
+    async def _wait_established(self) -> RedisSession:
         self._check_available()
         while True:
             session = self._session
@@ -851,14 +559,16 @@ class RedisBackplane(Backplane):
                 return session
             await self._connected.wait()
 
-    async def _command(self, session: _Session, script: str, room: str, *args: str) -> list[Any]:
+    async def _command(
+        self, session: RedisSession, script: str, room: str, *args: str
+    ) -> list[Any]:
         """Run a room script on the session's command connection."""
         keys = (self._meta_key(room), self._log_key(room))
-        return _as_list(await self._request(session, session.cmd, script, keys, args))
+        return as_list(await self._request(session, session.cmd, script, keys, args))
 
     async def _request(
         self,
-        session: _Session,
+        session: RedisSession,
         connection: coredis.BaseConnection,
         script: str,
         keys: Sequence[str],
@@ -891,18 +601,14 @@ class RedisBackplane(Backplane):
             raise BackplaneError(f"Redis is unavailable: {exc}") from exc
 
     async def _load_script(
-        self, session: _Session, connection: coredis.BaseConnection, script: str
+        self, session: RedisSession, connection: coredis.BaseConnection, script: str
     ) -> None:
         sha = await connection.create_request(
-            b"SCRIPT", b"LOAD", _SCRIPTS[script], timeout=self._command_timeout
+            b"SCRIPT", b"LOAD", SCRIPTS[script], timeout=self._command_timeout
         )
-        session.shas[script] = sha if isinstance(sha, bytes) else _as_str(sha).encode()
+        session.shas[script] = sha if isinstance(sha, bytes) else as_str(sha).encode()
 
-    async def _publish_bus(self, kind: bytes, header: list[Any], body: str) -> None:
-        await self._publish_raw(self._bus, kind, header, body)
-
-    async def _publish_raw(self, channel: bytes, kind: bytes, header: list[Any], body: str) -> None:
-        payload = kind + _JSON.encode(header).encode() + b"\n" + body.encode()
+    async def _publish_raw(self, channel: bytes, payload: bytes) -> None:
         self._check_available()
         with trio.move_on_after(self._request_timeout):
             session = await self._wait_established()
@@ -916,18 +622,18 @@ class RedisBackplane(Backplane):
             return
         raise BackplaneError("Redis is unavailable: the other nodes were not told")
 
-    def _call_sink(self, method: str, *args: Any) -> None:
+    def _emit(self, event: BackplaneEvent) -> None:
         # A hub bug must not take the backplane down (nor skip other deliveries).
         if self._sink is None:
             return
         try:
-            getattr(self._sink, method)(*args)
+            self._sink.backplane_event(event)
         except Exception:
-            logger.exception("%s: the hub's %s raised", self.node_id, method)
+            logger.exception("%s: the hub failed on %s", self.node_id, type(event).__name__)
 
     # -- rooms and epochs -------------------------------------------------
 
-    def _observe_epoch(self, room: str, state: _RoomState, epoch: str) -> bool:
+    def _observe_epoch(self, room: str, state: RoomState, epoch: str) -> bool:
         """Note the room's epoch; False if it is one the room already left."""
         if state.epoch == epoch:
             return True
@@ -948,49 +654,34 @@ class RedisBackplane(Backplane):
         state.delivered = 0
         state.known = 0
         self._room_resets += 1
-        self._call_sink("_room_reset", room)
+        self._emit(RoomReset(room))
         return True
 
     def _deliver(
-        self, room: str, state: _RoomState, epoch: str, offset: int, text: str, nonce: str | None
+        self, room: str, state: RoomState, epoch: str, offset: int, text: str, nonce: str | None
     ) -> None:
-        if not self._observe_epoch(room, state, epoch):
-            self._duplicates += 1
-            return
-        if offset <= state.delivered:
-            self._duplicates += 1
-            return
-        state.delivered = offset
-        self._delivered += 1
-        if self._sink is not None:
-            item = Sequenced(room, epoch, offset, OutboundMessage(text, len(text)), nonce)
-            try:
-                self._sink._deliver(item)
-            except Exception:
-                logger.exception("%s: the hub's _deliver raised", self.node_id)
-
-    @staticmethod
-    def _entries(entries: Iterable[Any]) -> Iterable[tuple[int, int, str]]:
-        """(offset, appended at ms, text) of raw XRANGE entries."""
-        for entry in entries:
-            entry_id, fields = entry[0], entry[1]
-            if isinstance(fields, dict):
-                values = {_as_str(k): v for k, v in fields.items()}
+        # Every message goes to the hub, whose sequencer drops what it already
+        # has (the one duplicate filter); here only the catch-up start moves.
+        if self._observe_epoch(room, state, epoch) and state.epoch == epoch:
+            if offset > state.delivered:
+                state.delivered = offset
             else:
-                values = {_as_str(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
-            offset = int(_as_str(entry_id).partition("-")[0])
-            yield offset, _as_int(values["t"]), _as_str(values["m"])
+                self._duplicates += 1
+        else:
+            self._duplicates += 1
+        self._delivered += 1
+        self._emit(Sequenced(room, epoch, offset, OutboundMessage(text, len(text)), nonce))
 
     # -- incoming ---------------------------------------------------------
 
-    def _on_push(self, session: _Session, push: list[Any]) -> None:
+    def _on_push(self, session: RedisSession, push: list[Any]) -> None:
         kind = push[0]
         if kind == b"message":
             self._on_message(push[1], push[2])
         elif kind in (b"subscribe", b"unsubscribe"):
             self._on_ack(session, push[1])
 
-    def _on_ack(self, session: _Session, channel: bytes) -> None:
+    def _on_ack(self, session: RedisSession, channel: bytes) -> None:
         pending = session.inflight.get(channel, 0) - 1
         session.unacked -= 1
         if pending > 0:
@@ -1026,36 +717,25 @@ class RedisBackplane(Backplane):
 
     def _on_broadcast(self, room: str, data: bytes) -> None:
         try:
-            header_line, body = data[1:].split(b"\n", 1)
-            node, exclude, delivery, key, nbytes = json.loads(header_line)
-            if node == self.node_id or not self._rooms[room].watched:
-                return
-            message = OutboundMessage(body.decode(), nbytes, Delivery(delivery), key)
-        except (ValueError, TypeError, KeyError):
+            event = decode_node_event(data, room=room)
+        except ValueError:
             logger.warning("%s: ignored a malformed broadcast %r", self.node_id, data[:80])
             return
-        self._call_sink("_broadcast_here", room, message, exclude)
+        if event is None or event.node == self.node_id or not self._rooms[room].watched:
+            return  # unknown, or our own echo: delivered here directly
+        self._emit(event)
 
     def _on_bus(self, data: bytes) -> None:
-        kind = data[:1]
         try:
-            header_line, body = data[1:].split(b"\n", 1)
-            header = json.loads(header_line)
-            node = header[0]
-            if node == self.node_id:
-                return  # our own echo: delivered here directly
-            if kind == b"u":
-                _, user, delivery, key, nbytes = header
-                message = OutboundMessage(body.decode(), nbytes, Delivery(delivery), key)
-                self._call_sink("_deliver_to_user", user, message)
-            elif kind == b"d":
-                _, user, code = header
-                self._call_sink("_disconnect_user_here", user, code, body.decode())
-            elif kind == b"p":
-                self._nodes.setdefault(node, 0)
-                self._call_sink("_presence_event", node, json.loads(body))
-        except (ValueError, TypeError, IndexError, KeyError):
+            event: NodeEvent | None = decode_node_event(data)
+        except ValueError:
             logger.warning("%s: ignored a malformed bus message %r", self.node_id, data[:80])
+            return
+        if event is None or event.node == self.node_id:
+            return  # unknown, or our own echo: delivered here directly
+        if not isinstance(event, (UserMessage, UserDisconnect, RoomBroadcast)):
+            self._nodes.setdefault(event.node, 0)  # a presence event: the node is alive
+        self._emit(event)
 
     # -- the session ------------------------------------------------------
 
@@ -1064,8 +744,8 @@ class RedisBackplane(Backplane):
         if session is None:
             return  # the next session subscribes to every watched room
         try:
-            for start in range(0, len(channels), _SUBSCRIBE_CHUNK):
-                chunk = channels[start : start + _SUBSCRIBE_CHUNK]
+            for start in range(0, len(channels), SUBSCRIBE_CHUNK):
+                chunk = channels[start : start + SUBSCRIBE_CHUNK]
                 session.sub.send_command(command, *chunk)
                 for channel in chunk:
                     session.inflight[channel] = session.inflight.get(channel, 0) + 1
@@ -1074,7 +754,7 @@ class RedisBackplane(Backplane):
             # The connection is gone: the next session subscribes to everything.
             self._kick(session, f"{command.decode()} failed: {exc!r}")
 
-    def _kick(self, session: _Session, reason: str) -> None:
+    def _kick(self, session: RedisSession, reason: str) -> None:
         """End ``session`` (if it is still the current one)."""
         if self._session is session and not session.scope.cancel_called:
             self._last_error = reason
@@ -1089,9 +769,9 @@ class RedisBackplane(Backplane):
                     await self._session_run(scope)
                 reason = self._last_error or "session ended"
             except Exception as exc:
-                reason = _describe(exc)
+                reason = describe(exc)
                 self._last_error = reason
-                if not _is_link_error(exc):
+                if not is_link_error(exc):
                     logger.error("%s: Redis session failed", self.node_id, exc_info=exc)
             self._session_failures += 1
             held = self._session is not None and self._session.established
@@ -1149,8 +829,8 @@ class RedisBackplane(Backplane):
                 sub = await pool.get_connection()
                 pub = await pool.get_connection()
                 cmd = await pool.get_connection()
-                session = _Session(client, sub, pub, cmd, {}, scope)
-                for name in _SCRIPTS:
+                session = RedisSession(client, sub, pub, cmd, {}, scope)
+                for name in SCRIPTS:
                     await self._load_script(session, cmd, name)
                 self._session = session
                 now_ms = await self._lease(session)
@@ -1165,7 +845,7 @@ class RedisBackplane(Backplane):
                     else:
                         self._on_push(session, push)
             # Every watched room is subscribed: read what was missed, then
-            # what arrived meanwhile (duplicates drop by offset).
+            # what arrived meanwhile (the hub drops what it already has).
             await self._catch_up(session)
             for push in buffered:
                 self._on_push(session, push)
@@ -1182,36 +862,34 @@ class RedisBackplane(Backplane):
             if self._sessions > 1:
                 # Bus messages (presence, directed) sent while this node was
                 # away are gone, and peers may have dropped its connections
-                # (lease expiry). The hub's ``_resync`` (BackplaneSink)
-                # re-announces its presence and asks the others for theirs.
-                resync = getattr(self._sink, "_resync", None)
-                if resync is not None:
-                    self._call_sink("_resync")
+                # (lease expiry): the hub re-announces its presence and asks
+                # the others for theirs.
+                self._emit(Reconnected())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeat, session)
                 nursery.start_soon(self._lease_loop, session)
                 nursery.start_soon(self._publisher, session)
                 nursery.start_soon(self._linger_loop, session)
-                burst = _push_buffer(sub)
+                burst = push_buffer(sub)
                 async for push in pushes:
                     self._on_push(session, push)
                     # Hand the hub everything that already arrived before
                     # yielding: its connections then send the burst as one
                     # frame each instead of one frame per message.
-                    for _ in range(_BURST):
+                    for _ in range(BURST):
                         try:
                             self._on_push(session, burst())
                         except anyio.WouldBlock:
                             break
-                raise _SessionLost("the subscription ended")
+                raise SessionLost("the subscription ended")
 
-    async def _catch_up(self, session: _Session) -> None:
+    async def _catch_up(self, session: RedisSession) -> None:
         # Rooms are read in rounds of concurrent (pipelined) reads; a room with
         # more to read than one read returns goes into the next round.
         todo = list(self._rooms)
         count = str(max(self.history.max_messages, 1))
         while todo:
-            batch, todo = todo[:_CATCH_UP_ROUND], todo[_CATCH_UP_ROUND:]
+            batch, todo = todo[:CATCH_UP_ROUND], todo[CATCH_UP_ROUND:]
             requests = []
             for room in batch:
                 state = self._rooms.get(room)
@@ -1236,10 +914,10 @@ class RedisBackplane(Backplane):
                 )
                 requests.append((room, state, request))
             for room, state, request in requests:
-                reply = _as_list(await request)
+                reply = as_list(await request)
                 if self._rooms.get(room) is not state:
                     continue
-                epoch, offset = _as_str(reply[0]), _as_int(reply[1])
+                epoch, offset = as_str(reply[0]), as_int(reply[1])
                 if state.epoch is None:
                     # Never learnt: the hub reads its position after this.
                     state.epoch = epoch
@@ -1251,16 +929,16 @@ class RedisBackplane(Backplane):
                     if self._observe_epoch(room, state, epoch):
                         todo.append(room)
                     continue
-                entries = _as_list(reply[3])
-                for entry_offset, _, text in self._entries(entries):
+                raw_entries = as_list(reply[3])
+                for entry_offset, _, text in parse_entries(raw_entries):
                     before = self._delivered
                     self._deliver(room, state, epoch, entry_offset, text, None)
                     self._caught_up += self._delivered - before
-                if entries and state.delivered < offset:
+                if raw_entries and state.delivered < offset:
                     todo.append(room)
 
-    async def _lease(self, session: _Session) -> int:
-        reply = _as_list(
+    async def _lease(self, session: RedisSession) -> int:
+        reply = as_list(
             await self._request(
                 session,
                 session.cmd,
@@ -1269,24 +947,24 @@ class RedisBackplane(Backplane):
                 (self.node_id, str(math.ceil(self._node_ttl * 1000))),
             )
         )
-        now_ms = _as_int(reply[0])
-        flat = _as_list(reply[1])
-        live = {_as_str(flat[i]): int(float(_as_str(flat[i + 1]))) for i in range(0, len(flat), 2)}
+        now_ms = as_int(reply[0])
+        flat = as_list(reply[1])
+        live = {as_str(flat[i]): int(float(as_str(flat[i + 1]))) for i in range(0, len(flat), 2)}
         live.pop(self.node_id, None)
         for node, expiry in list(self._nodes.items()):
             if node not in live and now_ms >= max(expiry, session.grace_until_ms):
                 del self._nodes[node]
                 logger.warning("%s: node %s is down (lease expired)", self.node_id, node)
-                self._call_sink("_node_down", node)
+                self._emit(NodeDown(node))
         self._nodes.update(live)
         return now_ms
 
-    async def _lease_loop(self, session: _Session) -> None:
+    async def _lease_loop(self, session: RedisSession) -> None:
         while True:
             await trio.sleep(self._node_ttl / 3)
             await self._lease(session)
 
-    async def _linger_loop(self, session: _Session) -> None:
+    async def _linger_loop(self, session: RedisSession) -> None:
         while True:
             await trio.sleep(self._linger / 2)
             now = trio.current_time()
@@ -1297,7 +975,7 @@ class RedisBackplane(Backplane):
             if expired:
                 self._send_subscription(b"UNSUBSCRIBE", [self._channel(r) for r in expired])
 
-    async def _heartbeat(self, session: _Session) -> None:
+    async def _heartbeat(self, session: RedisSession) -> None:
         # The subscription is otherwise silent while rooms are: a PING with a
         # deadline tells a dead or hung server from a quiet one.
         while True:
@@ -1305,11 +983,11 @@ class RedisBackplane(Backplane):
             try:
                 await session.sub.create_request(b"PING", timeout=self._command_timeout)
             except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
-                raise _SessionLost(f"heartbeat failed: {exc!r}") from exc
+                raise SessionLost(f"heartbeat failed: {exc!r}") from exc
 
-    async def _publisher(self, session: _Session) -> None:
+    async def _publisher(self, session: RedisSession) -> None:
         while True:
-            batch: list[_PublishItem] = []
+            batch: list[PublishItem] = []
             while self._carry and len(batch) < self._publish_batch:
                 batch.append(self._carry.popleft())
             if not batch:
@@ -1321,7 +999,7 @@ class RedisBackplane(Backplane):
                     break
             await self._publish_batch_to(session, batch)
 
-    async def _publish_batch_to(self, session: _Session, batch: list[_PublishItem]) -> None:
+    async def _publish_batch_to(self, session: RedisSession, batch: list[PublishItem]) -> None:
         pending = [item for item in batch if not item.abandoned]
         try:
             for attempt in range(2):
@@ -1341,7 +1019,7 @@ class RedisBackplane(Backplane):
                 unscripted = []
                 for item, request in requests:
                     try:
-                        reply = _as_list(await request)
+                        reply = as_list(await request)
                     except coredis.exceptions.NoScriptError:
                         # Not run (the script cache was flushed): safe to resend.
                         item.sent = False
@@ -1349,7 +1027,7 @@ class RedisBackplane(Backplane):
                     except coredis.exceptions.ResponseError as exc:
                         item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
                     else:
-                        item.resolve(_as_str(reply[0]), _as_int(reply[1]))
+                        item.resolve(as_str(reply[0]), as_int(reply[1]))
                 if not unscripted:
                     return
                 if attempt == 0:
@@ -1358,7 +1036,7 @@ class RedisBackplane(Backplane):
             for item in pending:
                 item.fail(BackplaneError("Redis lost the publish script"))
         except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
-            raise _SessionLost(f"publish failed: {exc!r}") from exc
+            raise SessionLost(f"publish failed: {exc!r}") from exc
         finally:
             # Not sent, and the caller still waits: the next session sends it.
             unsent = [
@@ -1374,50 +1052,3 @@ class RedisBackplane(Backplane):
                             "the connection to Redis was lost: the message may have been sequenced"
                         )
                     )
-
-
-def _push_buffer(connection: coredis.BaseConnection) -> Callable[[], list[Any]]:
-    """A non-blocking receive of the connection's already-parsed push messages.
-
-    coredis only offers the ``push_messages`` generator, which yields to the
-    scheduler before every message; its buffer is a private attribute. If a
-    coredis version renames it, fall back to one message per pass.
-    """
-    stream = getattr(connection, "_push_message_buffer_out", None)
-    receive = getattr(stream, "receive_nowait", None)
-    if receive is None:  # pragma: no cover - another coredis layout
-
-        def receive() -> list[Any]:
-            raise anyio.WouldBlock
-
-    def receive_nowait() -> list[Any]:
-        try:
-            return cast(list[Any], receive())
-        except (anyio.EndOfStream, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            raise anyio.WouldBlock from None  # the generator reports the loss
-
-    return receive_nowait
-
-
-def _is_link_error(exc: BaseException) -> bool:
-    """True if ``exc`` (or every exception in a group) is a lost or slow link."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(_is_link_error(inner) for inner in exc.exceptions)
-    return isinstance(
-        exc,
-        (
-            coredis.exceptions.RedisError,
-            TimeoutError,
-            OSError,
-            trio.TooSlowError,
-            _SessionLost,
-            BackplaneError,
-            StopAsyncIteration,
-        ),
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return f"{type(exc).__name__}: {exc}"

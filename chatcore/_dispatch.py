@@ -1,0 +1,304 @@
+"""Protocol dispatch: what the hub does with each client message.
+
+One :class:`Dispatcher` serves every connection of a hub; its
+:meth:`~Dispatcher.dispatch` runs in the connection's own ``handle`` task,
+so one connection's messages are handled in order.
+
+* ``publish``: a token from the connection's bucket, membership, the
+  application's ``on_publish`` hook, then :meth:`Backplane.publish
+  <chatcore.Backplane.publish>`. The reply (``{"offset": n}``) is queued by
+  the room registry right before the message itself when this node delivers
+  it first, else here when the publish returns.
+* ``join`` (with ``since``: recovery): authorisation, the room's position,
+  the replay from history, then, with no ``await`` in between, membership,
+  the answer and the replay: no live message can fall between the replayed
+  ones and the next live one.
+* ``leave``, ``ping``, ``pong``; bad frames (counted: too many close with 1008);
+  application-defined types (``Hub.on``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+import trio
+
+from ._backplane import Backplane, BackplaneError
+from ._connection import Connection
+from ._presence_relay import PresenceRelay
+from ._rooms import Room, RoomRegistry
+from ._session import ErrorReply, Member, Session, answer, answer_error
+from .sansio import CloseCause, Sequenced
+from .sansio._protocol import (
+    AppMessage,
+    BadFrame,
+    ErrorCode,
+    Join,
+    Leave,
+    Ping,
+    Pong,
+    Publish,
+    Ref,
+    Since,
+    parse_client_message,
+)
+
+__all__ = ["Dispatcher", "MessageHandler", "outbox_busy"]
+
+#: ``handler(session, message) -> reply data``; raise :class:`ErrorReply` to refuse.
+MessageHandler: TypeAlias = Callable[[Session, AppMessage], Awaitable[Any]]
+
+
+def outbox_busy(connection: Connection) -> bool:
+    """True if anything is queued in the connection's outbox."""
+    return connection.outbox_room()[1] < connection.config.outbox_max_messages
+
+
+class Dispatcher:
+    """Handles the protocol's client messages for one hub (internal).
+
+    Args:
+        registry: The hub's rooms and members.
+        presence: The hub's presence relay.
+        backplane: The hub's backplane.
+        max_rooms: Rooms one connection may be in.
+        authorize_join: The application's join hook.
+        on_publish: The application's publish hook.
+    """
+
+    def __init__(
+        self,
+        registry: RoomRegistry,
+        presence: PresenceRelay,
+        backplane: Backplane,
+        *,
+        max_rooms: int,
+        authorize_join: Callable[[Session, str], Awaitable[bool]] | None,
+        on_publish: Callable[[Session, str, Any], Awaitable[Any]] | None,
+    ) -> None:
+        self.registry = registry
+        self.presence = presence
+        self.backplane = backplane
+        self.max_rooms = max_rooms
+        #: App-defined message types -> handlers.
+        self.handlers: dict[str, MessageHandler] = {}
+        #: Room messages given an offset through this hub.
+        self.published = 0
+        self._authorize_join = authorize_join
+        self._on_publish = on_publish
+        self._nonces = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<Dispatcher handlers={len(self.handlers)} published={self.published}>"
+
+    async def dispatch(self, member: Member, text: str) -> None:
+        """Handle one client message (a text frame)."""
+        message = parse_client_message(text)
+        if isinstance(message, Publish):
+            await self._publish(member, message)
+        elif isinstance(message, Pong):
+            pass  # liveness was already noted by the connection's reader
+        elif isinstance(message, Join):
+            await self._join(member, message)
+        elif isinstance(message, Leave):
+            if message.room in member.rooms:
+                self.registry.remove_member(member, message.room)
+            answer(member.connection, message.ref, {"room": message.room})
+        elif isinstance(message, Ping):
+            answer(member.connection, message.ref)
+        elif isinstance(message, BadFrame):
+            self._bad_frame(member, message.code, message.message, message.ref)
+        else:
+            await self._app_message(member, message)
+
+    def _bad_frame(self, member: Member, code: str, text: str, ref: Ref | None) -> None:
+        if member.bad_frames.hit(trio.current_time()):
+            member.connection.close_nowait(1008, "too many bad frames", cause=CloseCause.PROTOCOL)
+            return
+        answer_error(member.connection, ref, code, text)
+
+    async def _join(self, member: Member, message: Join) -> None:
+        name = message.room
+        connection = member.connection
+        if name in member.rooms:
+            self._answer_member(member, message)
+            return
+        if len(member.rooms) >= self.max_rooms:
+            answer_error(connection, message.ref, ErrorCode.TOO_MANY_ROOMS, "too many rooms")
+            return
+        if self._authorize_join is not None:
+            try:
+                allowed = await self._authorize_join(member.session, name)
+            except ErrorReply as exc:  # a hook may refuse with its own code
+                answer_error(connection, message.ref, exc.code, exc.message)
+                return
+            if not allowed:
+                answer_error(
+                    connection, message.ref, ErrorCode.FORBIDDEN, "not allowed to join this room"
+                )
+                return
+        room = self.registry.open_room(name)
+        room.joining += 1
+        try:
+            await self.registry.ready(room)
+            replay, recovered = await self._recover(member, room, message.since)
+        except BackplaneError as exc:
+            answer_error(
+                connection, message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later"
+            )
+            return
+        else:
+            if name in member.rooms:
+                # A server-side join made it a member meanwhile: it already gets
+                # the room live, so replaying would repeat messages.
+                self._answer_member(member, message)
+                return
+            # From here on, synchronously: become a member, answer, replay. No live
+            # message can fall between the replayed ones and the next live one.
+            # A member before the join is released: the room never closes (and
+            # is never unwatched) in between.
+            self.registry.add_member(member, room)
+        finally:
+            room.joining -= 1
+            self.registry.close_room_if_unused(room)
+        backlog = outbox_busy(connection)  # before the reply is queued
+        data: dict[str, Any] = {"room": name, "epoch": room.epoch, "offset": room.offset}
+        if recovered is not None:
+            data["recovered"] = recovered
+        answer(connection, message.ref, data)
+        for item in replay:
+            connection.offer(item.message)
+        self.presence.joined(member, room, backlog)
+
+    async def join_from_server(self, member: Member, name: str) -> bool:
+        """Make ``member`` a member of room ``name`` (``Hub.join``); False if it closed meanwhile.
+
+        Raises:
+            BackplaneError: the room's position could not be read.
+        """
+        if name in member.rooms:
+            await trio.lowlevel.checkpoint()
+            return True
+        registry = self.registry
+        room = registry.open_room(name)
+        room.joining += 1
+        try:
+            await registry.ready(room)
+            if registry.members.get(member.connection.id) is not member:
+                return False
+            # A member before the join is released: the room stays open.
+            registry.add_member(member, room)
+        finally:
+            room.joining -= 1
+            registry.close_room_if_unused(room)
+        self.presence.joined(member, room, outbox_busy(member.connection))
+        return True
+
+    def _answer_member(self, member: Member, message: Join) -> None:
+        """Answer a join of a room the connection is already in (nothing to replay)."""
+        room = member.rooms[message.room]
+        data: dict[str, Any] = {"room": room.name, "epoch": room.epoch, "offset": room.offset}
+        if message.since is not None:
+            data["recovered"] = (
+                message.since.epoch == room.epoch and message.since.offset == room.offset
+            )
+        answer(member.connection, message.ref, data)
+
+    async def _recover(
+        self, member: Member, room: Room, since: Since | None
+    ) -> tuple[list[Sequenced], bool | None]:
+        """Everything after ``since`` up to the room's position here, or nothing."""
+        if since is None:
+            return [], None
+        replay: list[Sequenced] = []
+        after = since.offset
+        while True:
+            if since.epoch != room.epoch or after > room.offset:
+                return [], False
+            upto = room.offset
+            if after == upto:
+                break
+            items = await self.backplane.replay(room.name, room.epoch, after, upto)
+            if items is None or since.epoch != room.epoch:
+                return [], False
+            replay.extend(items)
+            after = upto
+        nbytes = sum(item.message.nbytes for item in replay)
+        free_bytes, free_messages = member.connection.outbox_room()
+        if nbytes + 256 > free_bytes or len(replay) + 1 > free_messages:
+            return [], False  # would overflow: never partial
+        return replay, True
+
+    async def _publish(self, member: Member, message: Publish) -> None:
+        connection = member.connection
+        # Every publish frame spends a token, joined or not, so a client cannot
+        # flood with publishes to rooms it is not in.
+        now = trio.current_time()
+        if not member.bucket.take(now):
+            if member.abuse.hit(now):
+                connection.close_nowait(
+                    1008, "sustained rate-limit abuse", cause=CloseCause.PROTOCOL
+                )
+                return
+            answer_error(connection, message.ref, ErrorCode.RATE_LIMITED, "publishing too fast")
+            return
+        room = member.rooms.get(message.room)
+        if room is None:
+            answer_error(
+                connection, message.ref, ErrorCode.NOT_JOINED, "join the room before publishing"
+            )
+            return
+        data = message.data
+        if self._on_publish is not None:
+            try:
+                data = await self._on_publish(member.session, message.room, data)
+            except ErrorReply as exc:
+                answer_error(connection, message.ref, exc.code, exc.message)
+                return
+            if member.rooms.get(message.room) is not room:  # left while the hook ran
+                answer_error(connection, message.ref, ErrorCode.NOT_JOINED, "left the room")
+                return
+        nonce = f"{self.backplane.node_id}:{next(self._nonces)}"
+        self.registry.expect_publish(nonce, connection, message.ref)
+        try:
+            position = await self.backplane.publish(room.name, member.session.user, data, nonce)
+        except BackplaneError as exc:
+            answer_error(
+                connection, message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later"
+            )
+            return
+        finally:
+            waiting = self.registry.publish_done(nonce)
+        self.published += 1
+        if waiting:
+            # Sequenced, but not delivered here yet (a gap is being filled): the
+            # publisher learns its offset now; the message follows.
+            answer(connection, message.ref, {"offset": position.offset})
+
+    async def _app_message(self, member: Member, message: AppMessage) -> None:
+        handler = self.handlers.get(message.type)
+        connection = member.connection
+        if handler is None:
+            self._bad_frame(
+                member,
+                ErrorCode.UNKNOWN_TYPE,
+                f"unknown message type {message.type!r}",
+                message.ref,
+            )
+            return
+        try:
+            result = await handler(member.session, message)
+        except ErrorReply as exc:
+            answer_error(connection, message.ref, exc.code, exc.message)
+            return
+        except Exception:
+            # A handler bug: the connection closes with 1011 (the actor's
+            # firewall logs it). The request still gets its answer, queued
+            # before the close frame; no detail leaks to the client.
+            if message.ref is not None:
+                answer_error(connection, message.ref, ErrorCode.INTERNAL, "internal error")
+            raise
+        if message.ref is not None:
+            answer(connection, message.ref, result)

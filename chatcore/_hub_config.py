@@ -1,0 +1,97 @@
+"""The hub's settings and statistics: :class:`HubConfig`, :class:`HubStatistics`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from ._config import _positive, _positive_or_none
+
+__all__ = ["HubConfig", "HubStatistics"]
+
+
+def _origins(value: Iterable[str] | None) -> frozenset[str] | None:
+    # A typed converter: with ``optional(frozenset)`` mypy cannot infer the
+    # parameter type, and passing a set of origins fails type checking.
+    return None if value is None else frozenset(value)
+
+
+@attrs.frozen
+class HubConfig:
+    """Limits of a hub, with the documented defaults (``docs/protocol.md``).
+
+    Attributes:
+        max_rooms_per_connection: Rooms one connection may be in (``too_many_rooms``).
+        max_connections_per_user: Open connections per user (429 at the handshake).
+        max_connections_per_address: Per client address (429); ``None``: no limit
+            (behind a proxy every client shares one address).
+        max_connections: Connections of this hub (503 at the handshake); ``None``: no limit.
+        publish_rate: Publishes per second per connection (token bucket rate).
+        publish_burst: Token bucket capacity.
+        rate_limit_abuse: ``rate_limited`` answers within ``abuse_window`` after
+            which the connection is closed with 1008.
+        abuse_window: Seconds of the window for ``rate_limit_abuse``.
+        bad_frame_limit: Bad frames (bad_json, bad_message, unknown_type) answered
+            within ``bad_frame_window``; the next one closes with 1008.
+        bad_frame_window: Seconds of the bad-frame window.
+        allowed_origins: Browser origins allowed to connect (403 otherwise); a
+            request without ``Origin`` (not a browser) is judged by authenticate
+            alone. ``None``: no Origin check.
+        retry_after: Seconds announced in ``Retry-After`` on 503 refusals.
+        presence: Track who is in each room: ``presence_state`` on join and
+            ``presence_diff`` after (off by default: it costs traffic).
+        presence_grace: Seconds a user stays present after their last
+            connection in a room closed, so reconnects and deploys do not flap.
+        reconnect_min_ms: Lower bound of the jittered ``reconnect_after_ms`` sent
+            in ``shutdown`` during a drain.
+        reconnect_max_ms: Upper bound of it (spreads the reconnect storm).
+    """
+
+    max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
+    max_connections_per_user: int = attrs.field(default=20, validator=_positive)
+    max_connections_per_address: int | None = attrs.field(default=None, validator=_positive_or_none)
+    max_connections: int | None = attrs.field(default=None, validator=_positive_or_none)
+    publish_rate: float = attrs.field(default=20.0, validator=_positive)
+    publish_burst: int = attrs.field(default=40, validator=_positive)
+    rate_limit_abuse: int = attrs.field(default=200, validator=_positive)
+    abuse_window: float = attrs.field(default=60.0, validator=_positive)
+    bad_frame_limit: int = attrs.field(default=10, validator=_positive)
+    bad_frame_window: float = attrs.field(default=60.0, validator=_positive)
+    allowed_origins: frozenset[str] | None = attrs.field(default=None, converter=_origins)
+    retry_after: int = attrs.field(default=5, validator=_positive)
+    presence: bool = False
+    presence_grace: float = attrs.field(default=5.0, validator=_positive)
+    reconnect_min_ms: int = attrs.field(default=500, validator=_positive)
+    reconnect_max_ms: int = attrs.field(default=5_000, validator=_positive)
+
+    def __attrs_post_init__(self) -> None:
+        if self.reconnect_min_ms > self.reconnect_max_ms:
+            raise ValueError("HubConfig.reconnect_min_ms must not exceed reconnect_max_ms")
+
+
+@attrs.frozen
+class HubStatistics:
+    """A snapshot of a hub (cheap: counters only).
+
+    Attributes:
+        connections: Open connections registered in the hub.
+        users: Distinct users with at least one connection.
+        rooms: Rooms with at least one member.
+        published: Room messages that were given an offset.
+        delivered: Messages queued into an outbox (room messages and server sends).
+        dropped: Ephemeral messages dropped for a full outbox.
+        coalesced: Ephemeral messages that replaced a queued one with the same key.
+        slow_consumer_disconnects: Connections closed with 4001 by fan-out.
+        rejected_handshakes: Handshakes refused (401/403/429/503).
+    """
+
+    connections: int
+    users: int
+    rooms: int
+    published: int
+    delivered: int
+    dropped: int
+    coalesced: int
+    slow_consumer_disconnects: int
+    rejected_handshakes: int

@@ -1,0 +1,94 @@
+"""The Lua scripts of the Redis backplane: where a room's order is decided (Rule 1)."""
+
+from __future__ import annotations
+
+import json
+from typing import Final
+
+__all__ = ["JSON", "LEASE_LUA", "PUBLISH_LUA", "READ_LUA", "RECENT_LUA", "SCRIPTS"]
+
+# One JSON encoder with exactly the options of chatcore.sansio.encode, so every
+# fragment the script concatenates is byte-identical to encode_message's.
+JSON: Final = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+#: Sequence, store and publish one room message (Rule 1).
+#: KEYS: meta, log. ARGV: fresh epoch, room JSON, sender JSON, data JSON,
+#: nonce, max messages, channel, log TTL ms (0: none), meta TTL ms (0: none).
+PUBLISH_LUA: Final = r"""
+local meta, log = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', log)
+  redis.call('HSET', meta, 'e', epoch)
+end
+local offset = redis.call('HINCRBY', meta, 'o', 1)
+local o = string.format('%d', offset)
+local text = '{"type":"message","room":' .. ARGV[2] .. ',"offset":' .. o ..
+  ',"epoch":"' .. epoch .. '","from":' .. ARGV[3] .. ',"data":' .. ARGV[4] .. '}'
+local now = redis.call('TIME')
+local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('XADD', log, 'MAXLEN', '~', ARGV[6], o .. '-0', 't', ms, 'm', text)
+if ARGV[8] ~= '0' then redis.call('PEXPIRE', log, ARGV[8]) end
+if ARGV[9] ~= '0' then redis.call('PEXPIRE', meta, ARGV[9]) end
+redis.call('PUBLISH', ARGV[7], o .. '\n' .. epoch .. '\n' .. ARGV[5] .. '\n' .. text)
+return {epoch, offset}
+"""
+
+#: A room's position and, optionally, stored messages after an offset.
+#: KEYS: meta, log. ARGV: fresh epoch ('' : do not create one, nor refresh the
+#: TTL), expected epoch ('' : any), after, upto ('+' : the end), count (0: no
+#: messages), meta TTL ms (0: none).
+#: Returns {epoch or false, last offset, now ms, entries}; entries only when
+#: the epoch is the expected one.
+READ_LUA: Final = r"""
+local meta, log = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if ARGV[1] ~= '' then
+  if not epoch then
+    epoch = ARGV[1]
+    redis.call('DEL', log)
+    redis.call('HSET', meta, 'e', epoch, 'o', 0)
+  end
+  if ARGV[6] ~= '0' then redis.call('PEXPIRE', meta, ARGV[6]) end
+end
+local now = redis.call('TIME')
+local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+if not epoch then return {false, 0, ms, {}} end
+local offset = tonumber(redis.call('HGET', meta, 'o') or '0')
+local entries = {}
+local count = tonumber(ARGV[5])
+if count > 0 and (ARGV[2] == '' or ARGV[2] == epoch) then
+  local upto = ARGV[4]
+  if upto ~= '+' then upto = upto .. '-0' end
+  entries = redis.call('XRANGE', log, (tonumber(ARGV[3]) + 1) .. '-0', upto, 'COUNT', count)
+end
+return {epoch, offset, ms, entries}
+"""
+
+#: A room's newest stored messages.
+#: KEYS: meta, log. ARGV: count. Returns {epoch or false, now ms, entries newest first}.
+RECENT_LUA: Final = r"""
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local now = redis.call('TIME')
+local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
+if not epoch then return {false, ms, {}} end
+return {epoch, ms, redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[1])}
+"""
+
+#: Refresh this node's lease and reap expired ones.
+#: KEYS: nodes. ARGV: node id, ttl ms. Returns {now ms, {node, expiry, ...}}.
+LEASE_LUA: Final = r"""
+local now = redis.call('TIME')
+local ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[2]), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+return {string.format('%d', ms), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+"""
+
+SCRIPTS: Final = {
+    "publish": PUBLISH_LUA,
+    "read": READ_LUA,
+    "recent": RECENT_LUA,
+    "lease": LEASE_LUA,
+}
