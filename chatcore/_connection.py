@@ -11,9 +11,20 @@ the handshake it opens a nursery with
 * a **writer**, the only code that sends on the transport while the
   connection is open; it drains *everything* queued in the outbox into one
   frame per wake-up;
-* a **heartbeat** that pings and closes with 4000 when the client is silent;
-* the application's ``handle`` task and any task started with
-  :meth:`Connection.start_soon`.
+* any task started with :meth:`Connection.start_soon`;
+
+and runs the application's ``handle`` itself, in the nursery's body: three
+tasks per connection. The run's :class:`~chatcore._pacer.Pacer` does two jobs
+for every connection at once: it wakes writers in batches after a burst (so
+messages that arrive together leave together, whoever sent them), and it
+runs the heartbeat (a ping every interval; 4000 when the client stays silent).
+
+A burst of large messages may take an outbox over its budget
+(:attr:`Config.outbox_max_bytes`); that is not an offence. The connection is a
+slow consumer (4001) when it stays over budget while its writer completes no
+frame for :attr:`Config.slow_consumer_timeout`, when it would pass the hard
+bound :attr:`Config.outbox_burst_bytes`, or when the process holds more than
+:attr:`Config.max_queued_bytes` in all outboxes and this one is over budget.
 
 Nobody else holds the transport. Everyone else *asks*: :meth:`Connection.offer`
 and :meth:`Connection.send_nowait` queue a message, :meth:`Connection.close_nowait`
@@ -39,6 +50,7 @@ import trio
 
 from ._config import Config
 from ._exceptions import ConnectionClosed, OutboxFull, PeerGone, RemoteProtocolError
+from ._pacer import Beat, pacer
 from ._transport import MessageStream
 from .sansio import (
     Accept,
@@ -174,10 +186,26 @@ class Connection:
         self._transport = transport
         # First-cause-wins state machine (sans-I/O).
         self._arbiter = CloseArbiter()
+        # Batched wake-ups, heartbeats and the run's queued-bytes total.
+        self._pacer = pacer()
         # Bounded queue of encoded messages waiting for the writer.
-        self._outbox = Outbox(config.outbox_max_bytes, config.outbox_max_messages)
-        # The writer parks here when the outbox is empty; pushes unpark it.
+        self._outbox = Outbox(
+            config.outbox_max_bytes,
+            config.outbox_max_messages,
+            burst_bytes=config.outbox_burst_bytes,
+            burst_messages=config.outbox_burst_messages,
+            total=self._pacer.queued,
+            max_total_bytes=config.max_queued_bytes,
+        )
+        # The writer parks here when the outbox is empty; pushes unpark it
+        # (directly, or through the pacer after the current burst).
         self._writer_lot = trio.lowlevel.ParkingLot()
+        # The writer's wake-up is with the pacer (it wakes it after the burst).
+        self._marked = False
+        # When the frame being sent started (the slow-consumer clock).
+        self._frame_started = 0.0
+        # This connection's entry in the pacer's heartbeat heap (while open).
+        self._beat_entry: Beat | None = None
         # Tasks in ``send()`` park here until the outbox has room.
         self._room_lot = trio.lowlevel.ParkingLot()
         # Reader -> application; bounded so a slow handler back-pressures TCP.
@@ -202,8 +230,9 @@ class Connection:
         self._handshake_scope = trio.CancelScope()
         # Set once the close is complete and the transport released.
         self._closed = trio.Event()
-        # Set by the reader on any client message; the heartbeat waits on it.
-        self._seen = trio.Event()
+        # Set by the reader on any client message; the heartbeat clears it
+        # when it pings and checks it when the answer is due.
+        self._seen = False
         # Absolute time by which the close must be finished (set at close request).
         self._close_deadline: float | None = None
         # The transport can no longer carry a close frame (stalled/cancelled send).
@@ -232,7 +261,7 @@ class Connection:
         return (
             f"<Connection {self.id} {self.state.name} "
             f"outbox={len(self._outbox)}/{self._outbox.max_messages} "
-            f"{self._outbox.nbytes}B>"
+            f"{self._outbox.nbytes}/{self._outbox.max_bytes}B>"
         )
 
     def statistics(self) -> ConnectionStatistics:
@@ -254,10 +283,12 @@ class Connection:
     def offer(self, message: OutboundMessage) -> PushResult:
         """Queue an encoded message without ever blocking or raising (for fan-out).
 
-        When the outbox is full the message's delivery class decides: an
-        ephemeral message is dropped (or coalesced by key); a durable one
-        closes this connection as a slow consumer (4001), queued behind what
-        was already accepted.
+        When the outbox is over its budget the message's delivery class
+        decides: an ephemeral message is dropped (or coalesced by key); a
+        durable one is still queued within :attr:`Config.outbox_burst_bytes`
+        (and the writer must then make progress, see the module docs), past
+        it the connection closes as a slow consumer (4001), queued behind
+        what was already accepted.
 
         Returns:
             What happened; :attr:`PushResult.CLOSED` if the connection is not open.
@@ -269,22 +300,49 @@ class Connection:
             self._request_close(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
         return result
 
-    def _push(self, message: OutboundMessage) -> PushResult:
+    def _push(self, message: OutboundMessage, *, burst: bool = True) -> PushResult:
         """Push into the outbox, count, wake the writer; the caller handles OVERFLOW."""
-        result = self._outbox.push(message)
+        outbox = self._outbox
+        result = outbox.push(message, burst=burst)
         if result is PushResult.QUEUED:
             self._messages_queued += 1
-            if self._writer_lot:
-                self._writer_lot.unpark()
+            if self._writer_lot and not self._marked:
+                delay = self.config.batch_delay
+                if delay > 0:
+                    self._marked = True
+                    self._pacer.mark(self, delay)
+                else:
+                    self._writer_lot.unpark()
+            if outbox.over_budget:
+                self._over_budget()
         elif result is PushResult.COALESCED:
             self._coalesced += 1
             self._messages_queued += 1
         return result
 
+    def _over_budget(self) -> None:
+        # The frame in flight must now finish within the slow-consumer time,
+        # counted from its start (a frame that started later gets the bound
+        # from the writer itself).
+        scope = self._send_scope
+        if scope is not None:
+            limit = self._frame_started + self.config.slow_consumer_timeout
+            if limit < scope.deadline:
+                scope.deadline = limit
+
+    def _wake_writer(self) -> None:
+        """The pacer's call after a burst: wake the writer if it is parked."""
+        self._marked = False
+        if self._writer_lot:
+            self._writer_lot.unpark()
+
     def outbox_room(self) -> tuple[int, int]:
-        """How much the outbox can take now: ``(bytes, messages)``."""
+        """How much the outbox can take within its budget now: ``(bytes, messages)``."""
         outbox = self._outbox
-        return outbox.max_bytes - outbox.nbytes, outbox.max_messages - len(outbox)
+        return (
+            max(0, outbox.max_bytes - outbox.nbytes),
+            max(0, outbox.max_messages - len(outbox)),
+        )
 
     def send_nowait(self, message: Mapping[str, Any] | OutboundMessage) -> None:
         """Queue one message (a JSON object, or an already-encoded message).
@@ -303,7 +361,7 @@ class Connection:
             raise OutboxFull(f"outbox full ({self._outbox.nbytes} bytes queued)")
         # Not offer(): a full outbox is the caller's to handle here, even for a
         # durable keyed message that offer() would turn into a 4001 close.
-        if self._push(message) in (PushResult.DROPPED, PushResult.OVERFLOW):
+        if self._push(message, burst=False) in (PushResult.DROPPED, PushResult.OVERFLOW):
             raise OutboxFull(f"outbox full ({self._outbox.nbytes} bytes queued)")
 
     async def send(self, message: Mapping[str, Any] | OutboundMessage) -> None:
@@ -401,27 +459,41 @@ class Connection:
     ) -> None:
         try:
             await fn(*args)
+        except _PASS_THROUGH:
+            raise
         except BaseException as exc:
-            self._firewall(exc, getattr(fn, "__qualname__", repr(fn)))
+            passing = self._firewall(exc, getattr(fn, "__qualname__", repr(fn)))
+            if passing is not None:
+                try:
+                    raise passing
+                finally:
+                    # The traceback holds this frame: no local may hold the
+                    # exception, or a closed connection lives on in a cycle.
+                    del passing
         else:
             if closes:
                 self._request_close(1000, "", CloseCause.APP)
 
-    def _firewall(self, exc: BaseException, where: str) -> None:
-        """Turn an application exception into a 1011 close; let cancellation through."""
+    def _firewall(self, exc: BaseException, where: str) -> BaseException | None:
+        """Turn an application exception into a 1011 close.
+
+        Returns:
+            What must propagate (cancellation, interpreter exit), or ``None``.
+            The caller raises it: raising here would put this frame, which
+            holds ``exc``, into its traceback (a reference cycle).
+        """
         if isinstance(exc, BaseExceptionGroup):
             passing, crashing = exc.split(_PASS_THROUGH)
             if crashing is not None:
                 crashing = crashing.split(lambda e: self._is_own_close(e))[1]
             if crashing is not None:
                 self._crash(crashing, where)
-            if passing is not None:
-                raise passing
-            return
+            return passing
         if isinstance(exc, _PASS_THROUGH):
-            raise exc
+            return exc
         if not self._is_own_close(exc):
             self._crash(exc, where)
+        return None
 
     def _is_own_close(self, exc: BaseException) -> bool:
         # A task that used this connection after its close got ConnectionClosed
@@ -531,7 +603,7 @@ class Connection:
             except RemoteProtocolError as exc:
                 self._request_close(exc.code, str(exc), CloseCause.PROTOCOL)
                 return
-            self._seen.set()
+            self._seen = True
             if isinstance(message, bytes):
                 self._request_close(1003, "binary frames are not supported", CloseCause.PROTOCOL)
                 return
@@ -547,6 +619,7 @@ class Connection:
         outbox = self._outbox
         transport = self._transport
         cfg = self.config
+        now = trio.current_time
         # One scope for the writer's life whose deadline is armed only while a
         # frame is being sent (entering a scope per frame costs ~15% of a
         # fan-out's CPU). Parked with an empty outbox, it has no deadline.
@@ -561,7 +634,10 @@ class Connection:
                     if self._room_lot:
                         self._room_lot.unpark_all()
                     self._unsent = frame
-                    deadline = trio.current_time() + cfg.send_timeout
+                    started = self._frame_started = now()
+                    deadline = started + cfg.send_timeout
+                    if outbox.over_budget:
+                        deadline = min(deadline, started + cfg.slow_consumer_timeout)
                     if self._close_deadline is not None:
                         deadline = min(deadline, self._close_deadline)
                     stalled.deadline = deadline
@@ -579,26 +655,35 @@ class Connection:
                     self._frames_sent += 1
                     self._bytes_sent += len(frame)
             if stalled.cancelled_caught:
-                # Past send_timeout, or past the close deadline of a close
-                # requested meanwhile: the frame may be half-written.
+                # Past send_timeout, past the slow-consumer time while over
+                # budget, or past the close deadline of a close requested
+                # meanwhile: the frame may be half-written.
                 self._transport_broken = True
-                self._request_close(4001, "send stalled", CloseCause.SLOW_CONSUMER)
+                reason = "slow consumer" if outbox.over_budget else "send stalled"
+                self._request_close(4001, reason, CloseCause.SLOW_CONSUMER)
         finally:
             # Whatever ended the writer ends the connection's tasks.
             assert self._nursery is not None
             self._nursery.cancel_scope.cancel()
 
-    async def _heartbeat(self) -> None:
+    def _beat(self, beat: Beat) -> None:
+        """The pacer's call when this connection's heartbeat is due."""
+        if self._arbiter.state is not ConnectionState.OPEN:
+            return
         cfg = self.config
-        while True:
-            await trio.sleep(cfg.heartbeat_interval)
-            self._seen = trio.Event()
+        now = beat.due
+        if not beat.ping_sent:
+            self._seen = False
             self.offer(_PING)
-            with trio.move_on_after(cfg.heartbeat_timeout):
-                await self._seen.wait()
-            if not self._seen.is_set():
-                self._request_close(4000, "heartbeat timeout", CloseCause.HEARTBEAT)
-                return
+            beat.ping_sent = True
+            self._pacer.schedule(beat, now + cfg.heartbeat_timeout)
+        elif not self._seen:
+            self._request_close(4000, "heartbeat timeout", CloseCause.HEARTBEAT)
+        else:
+            # Answered: the next ping is one interval after the last one.
+            beat.ping_sent = False
+            pinged = now - cfg.heartbeat_timeout
+            self._pacer.schedule(beat, max(now, pinged + cfg.heartbeat_interval))
 
     # -- the actor -------------------------------------------------------------
 
@@ -606,19 +691,20 @@ class Connection:
         self._actor_task = trio.lowlevel.current_task()
         try:
             if await self._handshake(handler):
+                beat = self._beat_entry = Beat(self, 0.0)
+                self._pacer.schedule(beat, trio.current_time() + self.config.heartbeat_interval)
                 try:
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
                         nursery.start_soon(self._reader)
                         nursery.start_soon(self._writer)
-                        nursery.start_soon(self._heartbeat)
-                        nursery.start_soon(
-                            self._guarded, handler.handle, (self,), True, name=handler.handle
-                        )
                         for fn, args, name in self._pending_tasks:
                             nursery.start_soon(self._guarded, fn, args, False, name=name)
                         self._pending_tasks.clear()
+                        # The actor itself runs the application.
+                        await self._guarded(handler.handle, (self,), True)
                 finally:
+                    beat.owner = None
                     self._inbox_send.close()
                     with trio.CancelScope(shield=True):
                         await self._finish_close()
@@ -627,6 +713,11 @@ class Connection:
             # accept decision must not wait forever.
             self._inbox_send.close()
             self._pending_tasks.clear()
+            # Nothing of the run (tasks, nursery, scopes) stays reachable from
+            # a closed connection: no reference cycles for the collector.
+            self._nursery = None
+            self._actor_task = None
+            self._send_scope = None
             self._closed.set()
             try:
                 handler.connection_closed(self)
@@ -658,14 +749,16 @@ class Connection:
         except PeerGone:
             self._request_close(1006, "client left during handshake", CloseCause.TRANSPORT)
         except BaseException as exc:
-            try:
-                self._firewall(exc, "authenticate")  # a crash: refused with 500
-            except BaseException:
+            passing = self._firewall(exc, "authenticate")  # a crash: refused with 500
+            if passing is not None:
                 # Cancelled from outside (server shutdown): refuse with 503.
                 self._request_close(1012, "server shutting down", CloseCause.SHUTDOWN)
                 with trio.CancelScope(shield=True):
                     await self._finish_close()
-                raise
+                try:
+                    raise passing
+                finally:
+                    del passing
         state = self._arbiter.state
         if state is ConnectionState.CONNECTING:
             # The hook refused, or ran out of time (then it is our fault: 503).

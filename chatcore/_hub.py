@@ -150,6 +150,9 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         )
         # Members, rooms, fan-out and ordered delivery.
         self._registry = RoomRegistry(self.backplane)
+        # Connections closed as slow consumers, whoever decided it (fan-out,
+        # the writer's budget, a stalled send): counted from the close record.
+        self._slow_consumer_disconnects = 0
         # Presence: local changes out, other nodes' in.
         self._presence = PresenceRelay(
             self._registry,
@@ -448,7 +451,7 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             delivered=registry.delivered,
             dropped=registry.dropped,
             coalesced=registry.coalesced,
-            slow_consumer_disconnects=registry.slow_consumer_disconnects,
+            slow_consumer_disconnects=self._slow_consumer_disconnects,
             rejected_handshakes=self._admission.rejected,
         )
 
@@ -538,9 +541,13 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             self._admission.release(identity.user, client[0] if client else None)
             if self._admission.reserved == 0 and self._drained is not None:
                 self._drained.set()
-        session = connection.scope.get("chatcore.session")
+        record = connection.close_record
+        if record is not None and record.cause is CloseCause.SLOW_CONSUMER:
+            self._slow_consumer_disconnects += 1
+        # The session and the connection refer to each other: part them, so
+        # a closed connection is freed without the cycle collector.
+        session = connection.scope.pop("chatcore.session", None)
         if self._on_disconnect is not None and isinstance(session, Session):
-            record = connection.close_record
             assert record is not None
             self._on_disconnect(session, record)
 

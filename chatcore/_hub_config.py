@@ -82,7 +82,8 @@ class HubStatistics:
         delivered: Messages queued into an outbox (room messages and server sends).
         dropped: Ephemeral messages dropped for a full outbox.
         coalesced: Ephemeral messages that replaced a queued one with the same key.
-        slow_consumer_disconnects: Connections closed with 4001 by fan-out.
+        slow_consumer_disconnects: Connections closed as slow consumers (4001:
+            no progress while over budget, past the hard bound, or a stalled send).
         rejected_handshakes: Handshakes refused (401/403/429/503).
     """
 

@@ -152,7 +152,6 @@ class RoomRegistry:
         self.delivered = 0
         self.dropped = 0
         self.coalesced = 0
-        self.slow_consumer_disconnects = 0
 
     def __repr__(self) -> str:
         return (
@@ -250,8 +249,6 @@ class RoomRegistry:
                 queued += 1
             elif result is PushResult.DROPPED:
                 self.dropped += 1
-            elif result is PushResult.OVERFLOW:
-                self.slow_consumer_disconnects += 1
         self.delivered += queued
         return queued
 

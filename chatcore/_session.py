@@ -111,7 +111,7 @@ class Session:
     is open; after that, sends raise :class:`~chatcore.ConnectionClosed`.
     """
 
-    __slots__ = ("_member", "connection", "hub", "identity")
+    __slots__ = ("_rooms", "connection", "hub", "identity")
 
     def __init__(self, hub: Hub, member: Member, identity: Identity) -> None:
         #: The hub this session belongs to.
@@ -120,7 +120,10 @@ class Session:
         self.connection = member.connection
         #: Who the client is.
         self.identity = identity
-        self._member = member
+        # The member's room map itself, not the member: the member refers to
+        # this session, and a cycle would keep a closed connection alive
+        # until the cycle collector runs.
+        self._rooms = member.rooms
         member.session = self
 
     @property
@@ -136,10 +139,10 @@ class Session:
     @property
     def rooms(self) -> frozenset[str]:
         """Names of the rooms this connection is in."""
-        return frozenset(self._member.rooms)
+        return frozenset(self._rooms)
 
     def __repr__(self) -> str:
-        return f"<Session {self.connection.id} user={self.user!r} rooms={len(self._member.rooms)}>"
+        return f"<Session {self.connection.id} user={self.user!r} rooms={len(self._rooms)}>"
 
     def send_nowait(self, message: Mapping[str, Any] | OutboundMessage) -> None:
         """Queue a message to this connection (see :meth:`Connection.send_nowait`)."""

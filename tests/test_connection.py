@@ -726,7 +726,9 @@ async def test_a_message_larger_than_the_outbox_is_refused_not_a_disconnect(
 async def test_durable_overflow_closes_4001_after_the_queued_messages(
     connect: Connect, autojump_clock: trio.testing.MockClock
 ) -> None:
-    conn, client = await connect(config=config(outbox_max_messages=3), capacity=1)
+    conn, client = await connect(
+        config=config(outbox_max_messages=3, outbox_burst_messages=3), capacity=1
+    )
     await make_writer_busy(conn, client)
     results = [conn.offer(encode(msg(n))) for n in range(4)]
     assert results == [PushResult.QUEUED] * 3 + [PushResult.OVERFLOW]
@@ -879,7 +881,9 @@ async def test_stalled_send_closes_slow_consumer_and_aborts(
 async def test_close_is_bounded_by_close_timeout_while_a_send_is_stalled(
     connect: Connect, autojump_clock: trio.testing.MockClock, how: str
 ) -> None:
-    served = await connect(config=config(outbox_max_messages=1), capacity=1)
+    served = await connect(
+        config=config(outbox_max_messages=1, outbox_burst_messages=1), capacity=1
+    )
     conn, client = served
     await make_writer_busy(conn, client)
     await trio.sleep(1)
@@ -1210,14 +1214,14 @@ async def test_repr_shows_id_state_and_outbox(
 ) -> None:
     served = await connect(config=config(outbox_max_messages=8), capacity=1, connection_id="c7f3a")
     conn, client = served
-    assert re.fullmatch(r"<Connection c7f3a OPEN outbox=0/8 0B>", repr(conn))
+    assert re.fullmatch(r"<Connection c7f3a OPEN outbox=0/8 0/1048576B>", repr(conn))
     await make_writer_busy(conn, client)
     conn.send_nowait(msg(0))
     conn.send_nowait(msg(1))
     nbytes = 2 * len(text_of(0))
-    assert repr(conn) == f"<Connection c7f3a OPEN outbox=2/8 {nbytes}B>"
+    assert repr(conn) == f"<Connection c7f3a OPEN outbox=2/8 {nbytes}/1048576B>"
     conn.close_nowait()
     assert repr(conn).startswith("<Connection c7f3a CLOSING ")
     await read_all(client)
     await served.finished.wait()
-    assert repr(conn) == "<Connection c7f3a CLOSED outbox=0/8 0B>"
+    assert repr(conn) == "<Connection c7f3a CLOSED outbox=0/8 0/1048576B>"

@@ -108,6 +108,7 @@ CONFIG = Config(
     heartbeat_interval=1.0,
     heartbeat_timeout=1.0,
     outbox_max_messages=8,
+    outbox_burst_messages=8,  # no burst allowance: the 9th message overflows
     close_timeout=5.0,
     send_timeout=10.0,
 )

@@ -100,6 +100,7 @@ EXPECTED: dict[str, set[str]] = {
         "OutboundMessage",
         "Outbox",
         "PushResult",
+        "QueueTotal",
         "encode",
         # the wire protocol
         "PROTOCOL_VERSION",

@@ -1411,13 +1411,21 @@ async def test_drain_shuts_down_a_connection_accepted_just_before_it(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     decided = trio.Event()
+    registering = trio.Event()
 
     async def authenticate(request: HandshakeRequest) -> str:
         await trio.lowlevel.checkpoint()
-        decided.set()  # accepted; the connection registers a few steps later
+        decided.set()  # accepted; the connection registers once `registering` is set
         return "late"
 
     hub = make_hub(authenticate=authenticate)
+    handle = hub.handle
+
+    async def handle_later(connection: Connection) -> None:
+        await registering.wait()
+        await handle(connection)
+
+    hub.handle = handle_later  # type: ignore[method-assign]
     seen: list[TestClient] = []
 
     async def connect() -> None:
@@ -1426,10 +1434,16 @@ async def test_drain_shuts_down_a_connection_accepted_just_before_it(
             await late.expect("shutdown")
             await late.expect_closed(1012)
 
+    async def register_during_the_drain() -> None:
+        await trio.testing.wait_all_tasks_blocked()  # the drain is waiting
+        registering.set()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connect)
         await decided.wait()
-        assert hub.sessions() == []  # not registered yet
+        await trio.testing.wait_all_tasks_blocked()
+        assert hub.sessions() == []  # accepted, not registered yet
+        nursery.start_soon(register_during_the_drain)
         left = await hub.drain(8.0)
         # drain returned only once the late connection had closed too.
         assert left == 0

@@ -41,6 +41,7 @@ from chatcore import (
     LocalBackplane,
     Reject,
 )
+from chatcore._pacer import pacer
 from chatcore.sansio import TokenBucket
 from chatcore.testing import TestClient, open_test_client, open_test_clients
 
@@ -238,6 +239,7 @@ async def run_chaos(seed: int) -> dict[str, int]:
                 counts["kicks"] += 1
                 await hub.disconnect_user(rng.choice(USERS))
 
+    pacer()  # the run's pacer: two tasks shared by every connection, for the run's life
     tasks_before = trio.lowlevel.current_statistics().tasks_living
     with trio.fail_after(3_600):  # virtual seconds
         async with trio.open_nursery() as nursery:

@@ -458,7 +458,10 @@ def test_recovery_long_schedules() -> None:
 # -- slow consumer (4001) ------------------------------------------------------------
 
 #: A small outbox: a client that stops reading overflows it after ~20 messages.
-SMALL_OUTBOX = attrs.evolve(TEST_CONFIG, outbox_max_bytes=4_096, batch_max_bytes=4_096)
+# No burst allowance: the slow client is closed as soon as its outbox is full.
+SMALL_OUTBOX = attrs.evolve(
+    TEST_CONFIG, outbox_max_bytes=4_096, batch_max_bytes=4_096, outbox_burst_bytes=4_096
+)
 PAD = "x" * 100
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatcore.sansio import Delivery, OutboundMessage, Outbox, PushResult, encode
+from chatcore.sansio import Delivery, OutboundMessage, Outbox, PushResult, QueueTotal, encode
 
 D, E = Delivery.DURABLE, Delivery.EPHEMERAL
 
@@ -376,3 +376,104 @@ def test_random_pushes_and_takes_keep_accounting_bounds_and_order(
     assert drain(outbox) == [t for _, t in model]
     assert (outbox.nbytes, len(outbox)) == (0, 0)
     assert len(set(sent)) == len(sent)
+
+
+# -- budget and burst allowance ------------------------------------------------------
+
+
+def test_durable_messages_burst_past_the_budget_up_to_the_hard_bound() -> None:
+    outbox = Outbox(max_bytes=10, max_messages=100, burst_bytes=25)
+    assert outbox.push(msg("a" * 10)) is PushResult.QUEUED
+    assert not outbox.over_budget
+    assert outbox.push(msg("b" * 10)) is PushResult.QUEUED
+    assert outbox.over_budget
+    assert outbox.push(msg("e", E)) is PushResult.DROPPED  # ephemeral: only within budget
+    assert outbox.push(msg("c" * 5)) is PushResult.QUEUED  # exactly the hard bound
+    assert outbox.push(msg("d")) is PushResult.OVERFLOW
+    assert (outbox.nbytes, len(outbox), outbox.dropped) == (25, 3, 1)
+    assert not outbox.has_room_for(1)  # callers that wait see the budget, not the burst
+    assert drain(outbox) == ["a" * 10, "b" * 10, "c" * 5]
+    assert not outbox.over_budget
+
+
+def test_the_count_budget_and_its_burst_bound() -> None:
+    outbox = Outbox(max_bytes=1000, max_messages=2, burst_messages=3)
+    for text in ("a", "b"):
+        assert outbox.push(msg(text)) is PushResult.QUEUED
+    assert not outbox.over_budget
+    assert outbox.push(msg("t", E)) is PushResult.DROPPED
+    assert outbox.push(msg("c")) is PushResult.QUEUED
+    assert outbox.over_budget
+    assert outbox.push(msg("d")) is PushResult.OVERFLOW
+
+
+def test_push_without_burst_refuses_at_the_budget() -> None:
+    outbox = Outbox(max_bytes=10, max_messages=100, burst_bytes=1000)
+    assert outbox.push(msg("a" * 10), burst=False) is PushResult.QUEUED
+    assert outbox.push(msg("b"), burst=False) is PushResult.OVERFLOW
+    assert outbox.push(msg("k", D, key="k"), burst=False) is PushResult.OVERFLOW
+    assert outbox.push(msg("b")) is PushResult.QUEUED
+
+
+def test_coalescing_over_the_budget_uses_the_burst_allowance_for_durable_only() -> None:
+    outbox = Outbox(max_bytes=10, max_messages=100, burst_bytes=20)
+    assert outbox.push(msg("s1", D, key="s")) is PushResult.QUEUED
+    assert outbox.push(msg("e1", E, key="e")) is PushResult.QUEUED
+    assert outbox.push(msg("x" * 6)) is PushResult.QUEUED  # 10: at the budget
+    assert outbox.push(msg("s-longer", D, key="s")) is PushResult.COALESCED
+    assert outbox.push(msg("e-longer", E, key="e")) is PushResult.DROPPED
+    assert drain(outbox) == ["s-longer", "e1", "x" * 6]
+
+
+def test_bursts_are_bounded_by_the_shared_total() -> None:
+    total = QueueTotal()
+    a = Outbox(max_bytes=10, max_messages=100, burst_bytes=100, total=total, max_total_bytes=30)
+    b = Outbox(max_bytes=10, max_messages=100, burst_bytes=100, total=total, max_total_bytes=30)
+    assert a.push(msg("a" * 10)) is PushResult.QUEUED
+    assert a.push(msg("a" * 10)) is PushResult.QUEUED  # a bursts: total 20
+    assert b.push(msg("b" * 10)) is PushResult.QUEUED  # b within its budget: total 30
+    assert a.push(msg("a")) is PushResult.OVERFLOW  # over budget and over the total
+    assert b.push(msg("b")) is PushResult.OVERFLOW  # the same for b now
+    assert total.nbytes == 30
+    a.take_batch(10, 1)
+    assert total.nbytes == 20
+    assert b.push(msg("b" * 5)) is PushResult.QUEUED
+    b.clear()
+    assert total.nbytes == a.nbytes == 10
+
+
+def test_a_burst_bound_below_the_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="burst_bytes"):
+        Outbox(max_bytes=10, max_messages=10, burst_bytes=9)
+    with pytest.raises(ValueError, match="burst_messages"):
+        Outbox(max_bytes=10, max_messages=10, burst_messages=9)
+
+
+@settings(max_examples=200)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["push", "take"]),
+            st.integers(1, 30),
+            st.sampled_from([D, E]),
+            st.sampled_from([None, "k1", "k2"]),
+        ),
+        max_size=60,
+    )
+)
+def test_bounds_and_the_shared_total_hold_for_any_sequence(
+    ops: list[tuple[str, int, Delivery, str | None]],
+) -> None:
+    total = QueueTotal()
+    outbox = Outbox(max_bytes=50, max_messages=5, burst_bytes=120, burst_messages=9, total=total)
+    for op, size, delivery, key in ops:
+        if op == "push":
+            result = outbox.push(msg("x" * size, delivery, key))
+            if delivery is E:
+                assert result is not PushResult.OVERFLOW
+        else:
+            outbox.take_batch(size * 3, 3)
+        assert outbox.nbytes <= 120
+        assert len(outbox) <= 9
+        assert total.nbytes == outbox.nbytes
+        assert outbox.over_budget == (outbox.nbytes > 50 or len(outbox) > 5)

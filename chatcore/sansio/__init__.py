@@ -48,6 +48,7 @@ from ._outbox import Delivery as Delivery
 from ._outbox import OutboundMessage as OutboundMessage
 from ._outbox import Outbox as Outbox
 from ._outbox import PushResult as PushResult
+from ._outbox import QueueTotal as QueueTotal
 from ._outbox import encode as encode
 from ._presence import PresenceDiff as PresenceDiff
 from ._presence import PresenceMeta as PresenceMeta
@@ -134,6 +135,7 @@ __all__ = [
     "ProtocolError",
     "Publish",
     "PushResult",
+    "QueueTotal",
     "Recovery",
     "RecoveryStatus",
     "Ref",

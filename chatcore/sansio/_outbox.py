@@ -5,11 +5,23 @@ Theory of operation
 
 Fan-out must never wait on a client, so it *offers* an already-encoded message
 to each member's outbox and gets an immediate answer (:class:`PushResult`).
-The outbox is bounded in bytes and in count. When it is full, the message's
-:class:`Delivery` class decides: a durable message cannot be silently dropped,
-so the answer is :attr:`PushResult.OVERFLOW` and the connection closes the
-slow consumer (4001); an ephemeral one is dropped, or, when it carries a
-coalescing key, replaces the queued message with the same key (latest wins).
+
+The outbox has a *budget* (bytes and messages) and, above it, a *burst*
+allowance for durable messages. Under the budget everything is queued. Over
+it the message's :class:`Delivery` class decides: an ephemeral message is
+dropped, or, when it carries a coalescing key, replaces the queued message
+with the same key (latest wins); a durable message cannot be silently
+dropped, so it is still queued while the queue stays within ``burst_bytes``
+and ``burst_messages``
+and the process-wide :class:`QueueTotal` stays within its limit. Past those
+the answer is :attr:`PushResult.OVERFLOW` and the connection closes the slow
+consumer (4001).
+
+Being over the budget is not an offence by itself: a burst of large messages
+puts every healthy reader over it for a moment. The connection (which has a
+clock; this module has none) judges *progress* instead: a connection that is
+over its budget and whose writer completes no frame for a bounded time is the
+slow consumer (see :attr:`Outbox.over_budget`).
 
 The writer takes *everything* queued (up to a batch cap) in one go and sends it
 as one WebSocket text frame of newline-separated JSON messages, so the cost per
@@ -27,7 +39,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Delivery", "OutboundMessage", "Outbox", "PushResult", "encode"]
+__all__ = ["Delivery", "OutboundMessage", "Outbox", "PushResult", "QueueTotal", "encode"]
 
 
 class Delivery(enum.Enum):
@@ -86,12 +98,34 @@ class PushResult(enum.Enum):
     QUEUED = "queued"
     #: Replaced a queued message with the same key (latest wins).
     COALESCED = "coalesced"
-    #: Ephemeral and no room: discarded.
+    #: Ephemeral and over the budget: discarded.
     DROPPED = "dropped"
-    #: Durable and no room: the connection must close as a slow consumer.
+    #: Durable and past the burst allowance or the process-wide limit: the
+    #: connection must close as a slow consumer.
     OVERFLOW = "overflow"
     #: The connection is not open; nothing was queued (``Connection.offer`` only).
     CLOSED = "closed"
+
+
+class QueueTotal:
+    """Bytes queued across many outboxes (one per process, shared by its connections).
+
+    Outboxes add what they queue and subtract what they hand out, so
+    :attr:`nbytes` is the memory held by every outbox that shares it. An
+    outbox given a ``max_total_bytes`` refuses, while the total is past it,
+    durable messages that would take it over its own budget (they become
+    :attr:`PushResult.OVERFLOW`): the connections that are behind are closed
+    first, the ones within budget are untouched.
+    """
+
+    __slots__ = ("nbytes",)
+
+    def __init__(self) -> None:
+        #: Bytes queued now in every outbox sharing this total.
+        self.nbytes = 0
+
+    def __repr__(self) -> str:
+        return f"<QueueTotal {self.nbytes}B>"
 
 
 class _Slot:
@@ -107,17 +141,67 @@ class Outbox:
     """A bounded FIFO of encoded messages for one connection (no I/O, no clock).
 
     Args:
-        max_bytes: Upper bound on the bytes queued.
-        max_messages: Upper bound on the messages queued.
+        max_bytes: The byte budget: under it every message is queued; over it
+            ephemeral messages are dropped and the connection must show
+            progress (:attr:`over_budget`).
+        max_messages: The message budget, like ``max_bytes`` by count.
+        burst_bytes: Upper bound on the bytes queued, for durable messages
+            (default ``max_bytes``: no burst allowance). Never exceeded.
+        burst_messages: Upper bound on the messages queued, likewise
+            (default ``max_messages``). Never exceeded.
+        total: The process-wide count this outbox adds to.
+        max_total_bytes: Past this many bytes in ``total``, no durable message
+            may take this queue over ``max_bytes`` (default: no limit).
+
+    Raises:
+        ValueError: ``burst_bytes`` is below ``max_bytes``, or
+            ``burst_messages`` below ``max_messages``.
     """
 
-    __slots__ = ("_keyed", "_queue", "dropped", "max_bytes", "max_messages", "nbytes")
+    __slots__ = (
+        "_keyed",
+        "_max_total",
+        "_queue",
+        "_total",
+        "burst_bytes",
+        "burst_messages",
+        "dropped",
+        "max_bytes",
+        "max_messages",
+        "nbytes",
+    )
 
-    def __init__(self, max_bytes: int, max_messages: int) -> None:
-        #: Byte bound of the queue.
+    def __init__(
+        self,
+        max_bytes: int,
+        max_messages: int,
+        *,
+        burst_bytes: int | None = None,
+        burst_messages: int | None = None,
+        total: QueueTotal | None = None,
+        max_total_bytes: int | None = None,
+    ) -> None:
+        if burst_bytes is None:
+            burst_bytes = max_bytes
+        if burst_bytes < max_bytes:
+            raise ValueError(f"burst_bytes ({burst_bytes}) must be >= max_bytes ({max_bytes})")
+        if burst_messages is None:
+            burst_messages = max_messages
+        if burst_messages < max_messages:
+            raise ValueError(
+                f"burst_messages ({burst_messages}) must be >= max_messages ({max_messages})"
+            )
+        #: Byte budget of the queue.
         self.max_bytes = max_bytes
-        #: Count bound of the queue.
+        #: Count budget of the queue.
         self.max_messages = max_messages
+        #: Count bound of the queue (durable messages over the budget).
+        self.burst_messages = burst_messages
+        #: Byte bound of the queue (durable messages over the budget).
+        self.burst_bytes = burst_bytes
+        # Shared with every other outbox of the process, and its bound.
+        self._total = total if total is not None else QueueTotal()
+        self._max_total = max_total_bytes if max_total_bytes is not None else 1 << 62
         #: Bytes queued now.
         self.nbytes = 0
         #: Ephemeral messages dropped for lack of room, since creation.
@@ -130,26 +214,61 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def push(self, message: OutboundMessage) -> PushResult:
-        """Offer ``message``; never blocks. See :class:`PushResult`."""
+    def __repr__(self) -> str:
+        return (
+            f"<Outbox {len(self._queue)}/{self.max_messages} "
+            f"{self.nbytes}/{self.max_bytes}B burst={self.burst_bytes}B>"
+        )
+
+    @property
+    def over_budget(self) -> bool:
+        """True while more than the budget is queued (a burst, or a slow reader)."""
+        return self.nbytes > self.max_bytes or len(self._queue) > self.max_messages
+
+    def push(self, message: OutboundMessage, *, burst: bool = True) -> PushResult:
+        """Offer ``message``; never blocks. See :class:`PushResult`.
+
+        Args:
+            message: The message.
+            burst: False to refuse a durable message over the budget too
+                (:attr:`PushResult.OVERFLOW`) instead of using the burst
+                allowance: for a caller that handles a full outbox itself.
+        """
         if message.key is not None:
             slot = self._keyed.get(message.key)
             if slot is not None:
                 grown = self.nbytes - slot.nbytes + message.nbytes
-                if grown > self.max_bytes:
+                if grown > self.max_bytes and not (
+                    burst and self._may_burst(message, grown - self.nbytes, 0)
+                ):
                     return self._refuse(message)
                 slot.text = message.text
                 slot.nbytes = message.nbytes
+                self._total.nbytes += grown - self.nbytes
                 self.nbytes = grown
                 return PushResult.COALESCED
-        if self.nbytes + message.nbytes > self.max_bytes or len(self._queue) >= self.max_messages:
+        nbytes = message.nbytes
+        if (
+            self.nbytes + nbytes > self.max_bytes or len(self._queue) >= self.max_messages
+        ) and not (burst and self._may_burst(message, nbytes, 1)):
             return self._refuse(message)
-        slot = _Slot(message.text, message.nbytes, message.key)
+        slot = _Slot(message.text, nbytes, message.key)
         self._queue.append(slot)
         if message.key is not None:
             self._keyed[message.key] = slot
-        self.nbytes += message.nbytes
+        self.nbytes += nbytes
+        self._total.nbytes += nbytes
         return PushResult.QUEUED
+
+    def _may_burst(self, message: OutboundMessage, growth: int, count: int) -> bool:
+        # Over the budget only durable messages are queued, and only within the
+        # burst allowance and the process-wide limit.
+        return (
+            message.delivery is Delivery.DURABLE
+            and self.nbytes + growth <= self.burst_bytes
+            and len(self._queue) + count <= self.burst_messages
+            and self._total.nbytes + growth <= self._max_total
+        )
 
     def _refuse(self, message: OutboundMessage) -> PushResult:
         # No room. Only an ephemeral message may vanish; a durable one (keyed or
@@ -176,9 +295,11 @@ class Outbox:
         if not queue:
             return None
         first = queue.popleft()
-        self._forget(first)
+        if first.key is not None:
+            self._forget(first)
         if not queue:
             self.nbytes -= first.nbytes
+            self._total.nbytes -= first.nbytes
             return first.text
         texts = [first.text]
         size = first.nbytes
@@ -187,10 +308,13 @@ class Outbox:
             if size + 1 + slot.nbytes > max_bytes:
                 break
             queue.popleft()
-            self._forget(slot)
+            if slot.key is not None:
+                self._forget(slot)
             texts.append(slot.text)
             size += 1 + slot.nbytes
-        self.nbytes -= size - (len(texts) - 1)
+        taken = size - (len(texts) - 1)
+        self.nbytes -= taken
+        self._total.nbytes -= taken
         return "\n".join(texts)
 
     def clear(self) -> int:
@@ -198,9 +322,11 @@ class Outbox:
         n = len(self._queue)
         self._queue.clear()
         self._keyed.clear()
+        self._total.nbytes -= self.nbytes
         self.nbytes = 0
         return n
 
     def _forget(self, slot: _Slot) -> None:
-        if slot.key is not None and self._keyed.get(slot.key) is slot:
-            del self._keyed[slot.key]
+        key = slot.key
+        if key is not None and self._keyed.get(key) is slot:
+            del self._keyed[key]

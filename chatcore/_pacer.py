@@ -1,0 +1,201 @@
+"""The pacer: one per Trio run, it wakes writers in batches and runs every heartbeat.
+
+Theory of operation
+-------------------
+
+Two jobs that used to cost every connection a task and a timer are done here
+once for all connections of a Trio run, by two system tasks that sleep unless
+there is work.
+
+**Batched wake-ups.** A message offered to a connection whose writer is
+parked does not wake the writer at once: the connection is *marked*. The
+flusher wakes every marked writer together once the burst that marked them is
+over, i.e. after :data:`QUIET_PASSES` scheduler passes in which no outbox of
+the run changed (the run's queued-bytes total stayed the same), or after the
+connection's :attr:`Config.batch_delay <chatcore.Config.batch_delay>`, or after
+:data:`MAX_PASSES` passes, whichever comes first. While a client streams
+publishes, each pass of the run loop fans one more of them out, and the
+writers then find them all queued and send them as one frame. When nothing
+else runs, the flusher's few passes take microseconds, so an idle connection
+still gets its message at once. The flusher never sleeps while writers are
+marked: it checkpoints, so ``wait_all_tasks_blocked()`` still means
+"everything is delivered".
+
+**Heartbeats.** Each open connection has a :class:`Beat` in one heap ordered
+by due time; one task sleeps until the earliest is due and calls the
+connection back (send a ping, or check the answer). A closed connection
+detaches its beat, so the heap never keeps a closed connection alive.
+
+**Queued bytes.** The :class:`~chatcore.sansio.QueueTotal` that every outbox
+of the run adds to, bounding the memory all outboxes hold together.
+
+The tasks are Trio *system tasks* (``trio.lowlevel.spawn_system_task``),
+started on first use in a run and cancelled when the run ends; what they call
+back never raises (it is the connection's own close logic), and anything
+unexpected is logged, never propagated.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+from typing import Protocol
+
+import trio
+
+from .sansio import QueueTotal
+
+__all__ = ["MAX_PASSES", "QUIET_PASSES", "Beat", "Pacer", "pacer"]
+
+logger = logging.getLogger("chatcore.connection")
+
+#: Scheduler passes without a change to any outbox after which marked writers are woken.
+QUIET_PASSES = 3
+#: Most scheduler passes a mark waits (bounds the delay under virtual clocks
+#: and under a load that never pauses).
+MAX_PASSES = 256
+
+
+class Paced(Protocol):
+    """What the pacer calls back (a connection)."""
+
+    def _wake_writer(self) -> None: ...
+
+    def _beat(self, beat: Beat) -> None: ...
+
+
+class Beat:
+    """One connection's place in the heartbeat heap.
+
+    Attributes:
+        owner: The connection, or ``None`` once it closed (then the entry is
+            skipped when due).
+        due: When the pacer calls the owner back.
+        ping_sent: True between a ping and the check of its answer.
+    """
+
+    __slots__ = ("due", "owner", "ping_sent")
+
+    def __init__(self, owner: Paced, due: float) -> None:
+        self.owner: Paced | None = owner
+        self.due = due
+        self.ping_sent = False
+
+    def __repr__(self) -> str:
+        state = "detached" if self.owner is None else ("check" if self.ping_sent else "ping")
+        return f"<Beat {state} due={self.due:.3f}>"
+
+
+class Pacer:
+    """Batched writer wake-ups and every heartbeat of one Trio run (see module docs).
+
+    Use :func:`pacer` to get the run's instance; it starts the system tasks.
+    """
+
+    def __init__(self) -> None:
+        #: Bytes queued across every outbox of the run.
+        self.queued = QueueTotal()
+        # Connections whose writer waits for the flusher, in marking order.
+        self._marked: list[Paced] = []
+        # Shortest batch delay among the marked connections of this round.
+        self._delay = math.inf
+        # The flusher parks here while nothing is marked.
+        self._flusher_lot = trio.lowlevel.ParkingLot()
+        # Heap of (due, tiebreak, beat).
+        self._beats: list[tuple[float, int, Beat]] = []
+        self._tiebreak = itertools.count()
+        # The heartbeat task parks here; woken when an earlier beat arrives.
+        self._beat_lot = trio.lowlevel.ParkingLot()
+
+    def __repr__(self) -> str:
+        return f"<Pacer marked={len(self._marked)} beats={len(self._beats)} {self.queued!r}>"
+
+    # -- batched wake-ups ------------------------------------------------------
+
+    def mark(self, connection: Paced, delay: float) -> None:
+        """Wake ``connection``'s writer after the current burst (at most ``delay`` s)."""
+        self._marked.append(connection)
+        if delay < self._delay:
+            self._delay = delay
+        if self._flusher_lot:
+            self._flusher_lot.unpark()
+
+    async def _flusher(self) -> None:
+        checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+        now = trio.current_time
+        while True:
+            if not self._marked:
+                await self._flusher_lot.park()
+                continue
+            deadline = now() + self._delay
+            total = self.queued
+            last = total.nbytes
+            quiet = passes = 0
+            while quiet < QUIET_PASSES and passes < MAX_PASSES:
+                await checkpoint()
+                passes += 1
+                if total.nbytes == last:
+                    quiet += 1
+                else:
+                    # Messages are still being queued: the burst goes on.
+                    quiet = 0
+                    last = total.nbytes
+                    if now() >= deadline:
+                        break
+            self._flush()
+
+    def _flush(self) -> None:
+        marked, self._marked = self._marked, []
+        self._delay = math.inf
+        for connection in marked:
+            try:
+                connection._wake_writer()
+            except Exception:  # pragma: no cover  (a chatcore bug; never kill the run)
+                logger.exception("waking the writer of %r failed", connection)
+
+    # -- heartbeats ------------------------------------------------------------
+
+    def schedule(self, beat: Beat, due: float) -> None:
+        """(Re)schedule ``beat`` to call its owner back at ``due``."""
+        beat.due = due
+        heap = self._beats
+        if not heap or due < heap[0][0]:
+            self._beat_lot.unpark()
+        heapq.heappush(heap, (due, next(self._tiebreak), beat))
+
+    async def _heartbeats(self) -> None:
+        heap = self._beats
+        while True:
+            if not heap:
+                await self._beat_lot.park()
+                continue
+            due, _, beat = heap[0]
+            if due > trio.current_time():
+                with trio.move_on_at(due):
+                    await self._beat_lot.park()
+                continue
+            heapq.heappop(heap)
+            owner = beat.owner
+            if owner is None or beat.due != due:
+                continue  # detached, or rescheduled (a newer entry exists)
+            try:
+                owner._beat(beat)
+            except Exception:  # pragma: no cover  (a chatcore bug; never kill the run)
+                logger.exception("heartbeat of %r failed", owner)
+
+
+_RUN_PACER: trio.lowlevel.RunVar[Pacer] = trio.lowlevel.RunVar("chatcore.pacer")
+
+
+def pacer() -> Pacer:
+    """The pacer of the current Trio run, created (and its tasks started) on first use."""
+    try:
+        return _RUN_PACER.get()
+    except LookupError:
+        found = Pacer()
+        _RUN_PACER.set(found)
+        trio.lowlevel.spawn_system_task(found._flusher, name="chatcore.pacer.flusher")
+        trio.lowlevel.spawn_system_task(found._heartbeats, name="chatcore.pacer.heartbeats")
+        return found

@@ -1,0 +1,388 @@
+"""The fan-out engine: batched wake-ups, the slow-consumer rule, small connections.
+
+In memory and on virtual time: what the client receives (frames on the wire),
+how and when the connection closes, and what a closed connection leaves behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import trio
+import trio.testing
+from conftest import Connect, RecordingHandler, config, read_all
+
+from chatcore import (
+    CloseCause,
+    CloseRecord,
+    Config,
+    Connection,
+    ConnectionState,
+    Delivery,
+    Hub,
+    PushResult,
+    encode,
+    serve_connection,
+)
+from chatcore._pacer import MAX_PASSES
+from chatcore.testing import open_test_client
+from chatcore.transports import CloseFrame, TextFrame, memory_stream_pair
+
+
+def message(n: int, size: int = 0) -> dict[str, object]:
+    return {"type": "m", "n": n, "pad": "x" * size}
+
+
+def lines(frames: list[object]) -> list[str]:
+    """Every message the client received, frames split on newlines."""
+    return [line for f in frames if isinstance(f, TextFrame) for line in f.text.split("\n")]
+
+
+# -- batched wake-ups ----------------------------------------------------------------
+
+
+async def test_messages_offered_across_passes_of_one_burst_leave_in_one_frame(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect()
+    await trio.testing.wait_all_tasks_blocked()  # the writer is parked
+    sent = [encode(message(n)) for n in range(5)]
+    for m in sent:  # one message per scheduler pass, as a client's publishes arrive
+        assert conn.offer(m) is PushResult.QUEUED
+        await trio.lowlevel.checkpoint()
+    with trio.fail_after(1):
+        frame = await client.receive()
+    assert frame == "\n".join(m.text for m in sent)
+    assert conn.statistics().frames_sent == 1
+
+
+async def test_an_idle_connection_gets_a_single_message_without_virtual_delay(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect(config=config(batch_delay=5.0))
+    start = trio.current_time()
+    conn.offer(encode(message(1)))
+    assert await client.receive() == encode(message(1)).text
+    # The burst was over at once: no part of the (huge) batch delay was spent.
+    assert trio.current_time() == start
+
+
+async def test_batch_delay_zero_wakes_the_writer_per_message(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect(config=config(batch_delay=0))
+    await trio.testing.wait_all_tasks_blocked()
+    for n in range(3):
+        conn.offer(encode(message(n)))
+        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
+    for n in range(3):
+        assert await client.receive() == encode(message(n)).text
+    assert conn.statistics().frames_sent == 3
+
+
+async def test_a_writer_is_not_starved_by_a_load_that_never_pauses(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect(config=config(batch_delay=3600.0))
+    produced = 0
+    first_frame_after: int | None = None
+
+    async def read() -> None:
+        nonlocal first_frame_after
+        await client.receive()
+        first_frame_after = produced
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        # A push in every scheduler pass, and virtual time never advances.
+        while first_frame_after is None and produced < 10 * MAX_PASSES:
+            conn.offer(encode(message(produced)))
+            produced += 1
+            await trio.lowlevel.checkpoint()
+    assert first_frame_after is not None
+    assert first_frame_after <= MAX_PASSES + 2
+
+
+async def test_a_real_time_batch_delay_bounds_the_wait_under_constant_load() -> None:
+    # Real clock: a producer that never pauses; the writer still sends within
+    # about batch_delay (and long before the producer is done).
+    stream, client = memory_stream_pair(capacity=10_000)
+    async with trio.open_nursery() as nursery:
+        conn: Connection = await nursery.start(
+            lambda task_status: serve_connection(
+                stream,
+                RecordingHandler(),
+                config=config(batch_delay=0.002),
+                task_status=task_status,
+            )
+        )
+        with trio.fail_after(5):
+            await client.wait_accepted()
+        received_at: list[float] = []
+
+        async def read() -> None:
+            await client.receive()
+            received_at.append(trio.current_time())
+
+        nursery.start_soon(read)
+        start = trio.current_time()
+        with trio.move_on_after(0.5):
+            while not received_at:
+                conn.offer(encode(message(0)))
+                await trio.lowlevel.checkpoint()
+        assert received_at, "the writer was starved"
+        assert received_at[0] - start < 0.25
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_close_still_flushes_what_was_queued_before_it(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect()
+    for n in range(3):
+        conn.offer(encode(message(n)))
+    conn.close_nowait(4002, "kicked")
+    frames = await read_all(client)
+    assert lines(frames) == [encode(message(n)).text for n in range(3)]
+    assert frames[-1] == CloseFrame(4002, "kicked")
+
+
+async def test_order_is_kept_across_batches(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect(config=config(batch_max_messages=7))
+    for n in range(100):
+        conn.offer(encode(message(n)))
+        if n % 13 == 0:
+            await trio.lowlevel.checkpoint()
+    conn.close_nowait()
+    frames = await read_all(client)
+    assert lines(frames) == [encode(message(n)).text for n in range(100)]
+    assert all(len(f.text.split("\n")) <= 7 for f in frames if isinstance(f, TextFrame))
+
+
+# -- the slow-consumer rule ------------------------------------------------------------
+
+
+BIG = 10_000  # bytes per message in these tests; the budget holds three
+
+
+def burst_config(**changes: object) -> Config:
+    settings: dict[str, object] = {
+        "outbox_max_bytes": 3 * BIG + 500,
+        "batch_max_bytes": BIG + 200,
+        "outbox_burst_bytes": 100 * BIG,
+        "slow_consumer_timeout": 2.0,
+    }
+    return config(**(settings | changes))
+
+
+async def test_a_burst_over_the_budget_never_closes_a_reading_client(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect(config=burst_config(), capacity=2)
+    sent = [encode(message(n, BIG)) for n in range(40)]
+    for m in sent:  # 40 messages at once: 13 times the budget
+        assert conn.offer(m) is PushResult.QUEUED
+    assert conn.statistics().outbox_bytes > 3 * BIG + 500
+    received: list[str] = []
+    with trio.fail_after(10):
+        while len(received) < len(sent):
+            received.extend((await client.receive()).split("\n"))
+    assert received == [m.text for m in sent]
+    assert conn.state is ConnectionState.OPEN
+
+
+async def test_a_slow_but_progressing_reader_stays_over_budget_for_long(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, client = await connect(config=burst_config(), capacity=1)
+    sent = [encode(message(n, BIG)) for n in range(30)]
+    for m in sent:
+        conn.offer(m)
+    start = trio.current_time()
+    received: list[str] = []
+    while len(received) < len(sent):
+        await trio.sleep(1.5)  # one frame per 1.5 s: slower than the queue fills
+        received.extend((await client.receive()).split("\n"))
+    assert received == [m.text for m in sent]
+    assert trio.current_time() - start > 10 * 2.0  # far longer than the timeout
+    assert conn.state is ConnectionState.OPEN
+
+
+async def test_over_budget_without_progress_closes_4001_after_the_timeout(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    served = await connect(config=burst_config(), capacity=1)
+    conn, client = served
+    for n in range(6):  # the client never reads
+        conn.offer(encode(message(n, BIG)))
+    start = trio.current_time()
+    await served.finished.wait()
+    assert conn.close_record == CloseRecord(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
+    assert served.finished_at is not None
+    assert served.finished_at - start == pytest.approx(2.0)
+    # Aborted: a half-sent frame is never followed by a close frame.
+    assert not any(isinstance(f, CloseFrame) for f in await read_all(client))
+
+
+async def test_the_timeout_counts_from_the_last_progress_not_from_the_burst(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    served = await connect(config=burst_config(), capacity=1)
+    conn, client = served
+    for n in range(8):
+        conn.offer(encode(message(n, BIG)))
+    await trio.sleep(1.5)
+    await client.receive()  # progress at 1.5 s, then the client stops reading
+    progress = trio.current_time()
+    await served.finished.wait()
+    assert served.finished_at is not None
+    assert served.finished_at - progress == pytest.approx(2.0, abs=0.01)
+    assert conn.close_record == CloseRecord(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
+
+
+async def test_within_budget_a_stalled_send_waits_for_send_timeout(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    served = await connect(config=burst_config(send_timeout=7.0), capacity=1)
+    conn, _client = served
+    conn.offer(encode(message(0)))
+    await trio.testing.wait_all_tasks_blocked()  # on the wire (the link holds one)
+    conn.offer(encode(message(1)))
+    start = trio.current_time()
+    await trio.testing.wait_all_tasks_blocked()  # the writer is stuck sending it
+    await served.finished.wait()
+    assert served.finished_at is not None
+    assert served.finished_at - start == pytest.approx(7.0)
+    assert conn.close_record == CloseRecord(4001, "send stalled", CloseCause.SLOW_CONSUMER)
+
+
+async def test_past_the_burst_bound_a_durable_message_closes_at_once(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    served = await connect(config=burst_config(outbox_burst_bytes=5 * BIG), capacity=1)
+    conn, _client = served
+    results = [conn.offer(encode(message(n, BIG))) for n in range(6)]
+    assert results == [PushResult.QUEUED] * 4 + [PushResult.OVERFLOW, PushResult.CLOSED]
+    assert conn.close_record == CloseRecord(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
+
+
+async def test_over_budget_ephemeral_messages_are_dropped_not_queued(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    conn, _client = await connect(config=burst_config(), capacity=1)
+    for n in range(5):
+        conn.offer(encode(message(n, BIG)))
+    typing = encode({"type": "typing"}, delivery=Delivery.EPHEMERAL)
+    assert conn.offer(typing) is PushResult.DROPPED
+    assert conn.statistics().dropped == 1
+    assert conn.state is ConnectionState.OPEN
+
+
+async def test_the_process_wide_bound_closes_only_connections_over_their_budget(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    cfg = burst_config(max_queued_bytes=8 * BIG)
+    stuck = await connect(config=cfg, capacity=1)
+    healthy = await connect(config=cfg, capacity=1)
+    results = [stuck.connection.offer(encode(message(n, BIG))) for n in range(9)]
+    # Over its budget it may grow only while the process holds <= 8 * BIG.
+    assert PushResult.OVERFLOW in results
+    assert stuck.connection.close_record == CloseRecord(
+        4001, "slow consumer", CloseCause.SLOW_CONSUMER
+    )
+    # A connection within its budget is untouched by the process-wide bound.
+    await stuck.finished.wait()
+    for n in range(3):
+        assert healthy.connection.offer(encode(message(n, BIG))) is PushResult.QUEUED
+    assert healthy.connection.state is ConnectionState.OPEN
+
+
+async def test_the_process_wide_total_returns_to_zero_when_connections_close(
+    connect: Connect, autojump_clock: trio.testing.MockClock
+) -> None:
+    from chatcore._pacer import pacer
+
+    total = pacer().queued
+    before = total.nbytes
+    served = [await connect(config=burst_config(), capacity=1) for _ in range(3)]
+    for s in served:
+        for n in range(5):
+            s.connection.offer(encode(message(n, BIG)))
+    assert total.nbytes > before + 3 * 3 * BIG
+    for s in served:
+        s.scope.cancel()
+        await s.finished.wait()
+    assert total.nbytes == before
+
+
+# -- small connections -------------------------------------------------------------------
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Reference counting alone frees a closed connection and its transport."""
+    refs: list[weakref.ref[object]] = []
+
+    async def one(close_how: str) -> None:
+        stream, client = memory_stream_pair()
+        handler = RecordingHandler()
+        async with trio.open_nursery() as nursery:
+            conn: Connection = await nursery.start(
+                lambda task_status: serve_connection(
+                    stream, handler, config=config(), task_status=task_status
+                )
+            )
+            await client.wait_accepted()
+            conn.offer(encode(message(1)))
+            await client.receive()
+            if close_how == "server":
+                conn.close_nowait(4002, "bye")
+            elif close_how == "client":
+                await client.close(1000)
+            else:
+                client.vanish()
+            await conn.wait_closed()
+        refs.extend([weakref.ref(conn), weakref.ref(stream)])
+        handler.closed.clear()
+
+    gc.collect()
+    gc.disable()
+    try:
+        for how in ("server", "client", "vanish"):
+            await one(how)
+        await trio.testing.wait_all_tasks_blocked()
+        alive = [r() for r in refs if r() is not None]
+        assert alive == []
+    finally:
+        gc.enable()
+
+
+async def test_a_closed_hub_connection_is_freed_without_the_cycle_collector() -> None:
+    hub = Hub()
+    refs: list[weakref.ref[object]] = []
+
+    async def session() -> None:
+        async with open_test_client(hub, user="u1") as client:
+            await client.join("r")
+            await client.publish("r", {"n": 1})
+            refs.append(weakref.ref(client.connection))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(3):
+                await session()
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(refs) == 3
+            assert [r() for r in refs if r() is not None] == []
+        finally:
+            gc.enable()
+        nursery.cancel_scope.cancel()
