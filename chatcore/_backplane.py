@@ -42,7 +42,7 @@ from __future__ import annotations
 import abc
 import secrets
 from collections import OrderedDict
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import attrs
 import trio
@@ -143,6 +143,7 @@ class Reconnected:
 BackplaneEvent: TypeAlias = Sequenced | NodeEvent | NodeDown | RoomReset | Reconnected
 
 
+@runtime_checkable
 class BackplaneSink(Protocol):
     """What a backplane delivers to: its hub (:class:`chatcore.Hub` implements it).
 

@@ -305,7 +305,7 @@ def _serve_command(args: argparse.Namespace) -> int:
             "other's messages)",
             args.workers,
         )
-    for url in (_serve._url(sock, app.path) for sock in sockets):
+    for url in (_serve.websocket_url(sock, app.path) for sock in sockets):
         print(f"chatcore: serving on {url}", flush=True)
     return _serve.run_workers(_worker_argv(args), sockets[0], args.workers)
 

@@ -5,7 +5,7 @@ Theory of operation
 
 A :class:`Hub` is the :class:`~chatcore.ConnectionHandler` of every
 connection, the :class:`~chatcore.BackplaneSink` of its backplane, and a
-:class:`~chatcore._server.ServedHandler` for servers. It is a facade over
+:class:`~chatcore.ServedHandler` for servers. It is a facade over
 collaborators that hold each other and talk through their public methods
 only::
 
@@ -150,9 +150,6 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         )
         # Members, rooms, fan-out and ordered delivery.
         self._registry = RoomRegistry(self.backplane)
-        # Connections closed as slow consumers, whoever decided it (fan-out,
-        # the writer's budget, a stalled send): counted from the close record.
-        self._slow_consumer_disconnects = 0
         # Presence: local changes out, other nodes' in.
         self._presence = PresenceRelay(
             self._registry,
@@ -171,6 +168,8 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             authorize_join=authorize_join,
             on_publish=on_publish,
         )
+        # Connections that closed as slow consumers.
+        self._slow_consumer_disconnects = 0
         # Created by drain(): set when the last accepted connection has closed
         # (no reservation left). While it exists, a connection that registers
         # (accepted just before the drain began) is shut down at once.
@@ -274,7 +273,7 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         return self._admission.reserved
 
     def health(self) -> HandlerHealth:
-        """A snapshot for health checks (see :class:`~chatcore._server.ServedHandler`)."""
+        """A snapshot for health checks (see :class:`~chatcore.ServedHandler`)."""
         return HandlerHealth(
             connections=len(self._registry.members),
             rooms=len(self._registry.active_rooms()),

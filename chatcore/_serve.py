@@ -197,7 +197,8 @@ def hypercorn_config(app: ASGIApp, *, access_log: bool = True) -> HypercornConfi
     return config
 
 
-def _url(sock: socket.socket, path: str) -> str:
+def websocket_url(sock: socket.socket, path: str) -> str:
+    """The ``ws://host:port/path`` URL a listening socket serves."""
     host, port = sock.getsockname()[:2]
     if ":" in host:
         host = f"[{host}]"
@@ -290,7 +291,7 @@ async def serve(
     config = config or hypercorn_config(app, access_log=access_log)
     duplicates = [os.dup(sock.fileno()) for sock in sockets]
     config.bind = [f"fd://{fd}" for fd in duplicates]
-    server = Server(app, tuple(_url(sock, app.path) for sock in sockets), config=config)
+    server = Server(app, tuple(websocket_url(sock, app.path) for sock in sockets), config=config)
     try:
         async with trio.open_nursery() as nursery:
 

@@ -120,9 +120,8 @@ class Session:
         self.connection = member.connection
         #: Who the client is.
         self.identity = identity
-        # The member's room map itself, not the member: the member refers to
-        # this session, and a cycle would keep a closed connection alive
-        # until the cycle collector runs.
+        # The member's own rooms dict, read here, changed by the registry only
+        # (no reference back to the member: nothing to collect as a cycle).
         self._rooms = member.rooms
         member.session = self
 

@@ -120,7 +120,7 @@ class ASGIApp:
             drain. Default: the hub's :attr:`~chatcore.HubConfig.retry_after`, else 5.
         linger: Seconds a finished connection waits for the server's
             ``websocket.disconnect`` before the application returns (returning
-            earlier can crash hypercorn; see :mod:`chatcore.transports._asgi`).
+            earlier can crash hypercorn; see :mod:`chatcore.transports._asgi_stream`).
         unready_when_degraded: Report not ready (503) while the backplane is
             degraded, so a load balancer sends new clients to healthy nodes.
             Off by default: open connections keep working during an outage.

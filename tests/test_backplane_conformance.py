@@ -73,7 +73,7 @@ async def test_redis_backplane(check: str, redis_server: RedisServer) -> None:
                     await backplane.wait_connected()
             yield backplanes
 
-    await check_backplane(open_redis, nodes=3, checks=[check], check_timeout=10)
+    await check_backplane(open_redis, nodes=3, checks=[check], check_timeout=5)
 
 
 class _Forgetful(LocalBackplane):

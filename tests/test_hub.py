@@ -62,6 +62,7 @@ import trio.testing
 
 from chatcore import (
     BackplaneError,
+    BackplaneSink,
     CloseCause,
     Config,
     Connection,
@@ -69,6 +70,7 @@ from chatcore import (
     ConnectionState,
     Delivery,
     ErrorReply,
+    HandlerHealth,
     HandshakeRejected,
     HandshakeRequest,
     HistoryConfig,
@@ -79,6 +81,7 @@ from chatcore import (
     PeerGone,
     Reject,
     RoomStatistics,
+    ServedHandler,
     Session,
     serve_connection,
 )
@@ -1658,3 +1661,21 @@ async def test_a_stream_that_sends_after_the_close_was_recorded_ends_quietly(
         await alice.assert_nothing_received()
     assert outcome == ["send_nowait: 4002"]
     assert [r for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+async def test_the_hub_declares_the_contracts_it_implements() -> None:
+    """A backplane's sink and a server's handler: both seen through public protocols."""
+    backplane = LocalBackplane()
+    hub = Hub(authenticate=by_query, backplane=backplane, config=HubConfig(retry_after=7))
+    assert isinstance(hub, BackplaneSink)
+    assert isinstance(hub, ServedHandler)
+    assert hub.retry_after == 7
+    async with open_test_client(hub, user="alice") as alice:
+        await alice.join("r")
+        assert hub.health() == HandlerHealth(connections=1, rooms=1, draining=False)
+        hub.start_draining()
+        assert hub.health() == HandlerHealth(connections=1, rooms=1, draining=True)
+        decision = await hub.authenticate(HandshakeRequest("/ws", "user=bob"))
+        assert decision == Reject(
+            503, b"server is draining; reconnect shortly", (("retry-after", "7"),)
+        )

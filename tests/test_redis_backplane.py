@@ -1088,7 +1088,7 @@ async def test_hub_repairs_a_gap_from_the_redis_stream(redis_server: RedisServer
 
     backplane = Recorded(redis_server.url, node_id="hub0", **FAST)
     hub = Hub(authenticate=by_query, backplane=backplane)
-    with trio.fail_after(10):
+    with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             await nursery.start(hub.run)
             await backplane.wait_connected()

@@ -201,6 +201,15 @@ class View:
         while client.messages:
             self.apply(await client.receive())
 
+    async def take_through_markers(self, client: TestClient, markers: int) -> None:
+        """Apply what arrives until ``markers`` markers came (see :func:`barrier`)."""
+        while markers:
+            message = await client.receive()
+            if message["type"] == "marker":
+                markers -= 1
+            else:
+                self.apply(message)
+
     async def settle(self, client: TestClient, expected: set[str], within: float = 5.0) -> None:
         """Apply what arrives until the view shows exactly ``expected``."""
         with trio.move_on_after(within):
@@ -545,9 +554,13 @@ async def test_a_leave_missed_while_away_is_not_kept_forever(redis_server: Redis
             await eventually(agree(hubs, {"alice", "bob"}), within=GRACE + 2)
             await views[0].settle(alice, {"alice", "bob"})
             await views[1].settle(bob, {"alice", "bob"})
-            await trio.sleep(0.3)
+            # Markers from every hub on the presence bus: whatever was sent
+            # before them has been applied to the views once they are in.
+            for hub in hubs:
+                for member in (alice, bob):
+                    await hub.send_to_user(str(member.user), {"type": "marker"})
             for view, member in zip(views, (alice, bob), strict=True):
-                await view.take(member)
+                await view.take_through_markers(member, len(hubs))
                 assert view.users == h0.presence("r") == h1.presence("r")
 
 

@@ -15,7 +15,7 @@ Rule 1: **a room's order is decided in one place, a Lua script.** For a room
 ``R`` the script ``_PUBLISH_LUA`` makes sure the room has an epoch (the
 caller's fresh random one is stored only if none is), increments the offset,
 builds the final ``message`` text by concatenating JSON fragments the node
-encoded (so it is byte-identical to :func:`~chatcore.sansio._protocol.encode_message`),
+encoded (so it is byte-identical to :func:`~chatcore.sansio.encode_message`),
 appends it to the room's capped stream (entry id ``<offset>-0``) and
 ``PUBLISH``-es ``offset, epoch, nonce, text`` on the room's channel, all
 atomically. Its reply, ``(epoch, offset)``, is the publisher's ``ok``: a

@@ -196,6 +196,7 @@ class RedisBackplane(Backplane):
         self._delivered = 0
         self._caught_up = 0
         self._duplicates = 0
+        self._stale = 0
         self._room_resets = 0
 
     def __repr__(self) -> str:
@@ -252,6 +253,7 @@ class RedisBackplane(Backplane):
             delivered=self._delivered,
             caught_up=self._caught_up,
             duplicates=self._duplicates,
+            stale=self._stale,
             room_resets=self._room_resets,
             nodes=len(self._nodes),
         )
@@ -660,13 +662,17 @@ class RedisBackplane(Backplane):
     def _deliver(
         self, room: str, state: RoomState, epoch: str, offset: int, text: str, nonce: str | None
     ) -> None:
-        # Every message goes to the hub, whose sequencer drops what it already
-        # has (the one duplicate filter); here only the catch-up start moves.
-        if self._observe_epoch(room, state, epoch) and state.epoch == epoch:
-            if offset > state.delivered:
-                state.delivered = offset
-            else:
-                self._duplicates += 1
+        if not self._observe_epoch(room, state, epoch):
+            # An epoch this room left behind (a late message of a lost order):
+            # it must not look like a new order to a hub that reopened the
+            # room since, so it is not handed over.
+            self._stale += 1
+            return
+        # Every other message goes to the hub, whose sequencer drops what it
+        # already has (the one duplicate filter); here only the catch-up
+        # start moves.
+        if offset > state.delivered:
+            state.delivered = offset
         else:
             self._duplicates += 1
         self._delivered += 1

@@ -46,7 +46,8 @@ class RedisBackplaneStatistics:
         delivered: Room messages handed to the hub (live and caught up).
         caught_up: Of those, read from the streams after a (re)connect.
         duplicates: Room messages handed to the hub again (an offset it already
-            had, or an epoch the room left); the hub's sequencer drops them.
+            had); the hub's sequencer drops them.
+        stale: Room messages of an epoch the room left behind (not handed over).
         room_resets: Epoch changes seen for watched rooms.
         nodes: Other nodes currently known to be alive.
     """
@@ -65,6 +66,7 @@ class RedisBackplaneStatistics:
     delivered: int
     caught_up: int
     duplicates: int
+    stale: int
     room_resets: int
     nodes: int
 
