@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from . import _serve
+from . import __version__, _serve
 from ._backplane import Backplane, LocalBackplane
 from ._connection import ConnectionHandler
 from .asgi import ASGIApp
@@ -80,7 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatcore", description="chatcore: race-free chat and WebSocket servers on Trio."
     )
+    parser.add_argument("--version", action="version", version=f"chatcore {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    new = sub.add_parser(
+        "new",
+        help="write a small chat app, its page and its tests into DIR",
+        description="Write a chat app (rooms, typing, a streaming bot, presence, a web page) "
+        "and its tests into DIR, as a package named after DIR (or --package).",
+    )
+    new.add_argument("directory", metavar="DIR", help="where to write (must be empty or new)")
+    new.add_argument("--package", help="the app's package name (default: from DIR)")
     serve = sub.add_parser(
         "serve",
         help="serve a hub, ASGIApp or ConnectionHandler on hypercorn",
@@ -194,6 +203,11 @@ def build_app(
                 app.health_path = health_path
         elif isinstance(target, ConnectionHandler):
             app = ASGIApp(target, path=path or "/ws", health_path=health_path or "/healthz")
+        elif isinstance(target, type) and issubclass(target, ConnectionHandler | ASGIApp):
+            raise SystemExit(
+                f"chatcore: {target.__name__} is a class; serve an instance of it: "
+                f"add `handler = {target.__name__}()` to its module and serve MODULE:handler"
+            )
         else:
             raise SystemExit(
                 f"chatcore: {target!r} is not a chatcore Hub, ASGIApp or ConnectionHandler"
@@ -236,7 +250,41 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _new_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ._scaffold import new_app, package_name
+
+    directory = Path(args.directory)
+    try:
+        package = args.package or package_name(directory)
+        new_app(directory, package)
+    except (ValueError, FileExistsError) as exc:
+        raise SystemExit(f"chatcore new: {exc}") from None
+    print(
+        f"Wrote a chat app to {directory}/. Next:\n"
+        f"  cd {directory}\n"
+        f"  chatcore serve {package}.app:app      # then open http://127.0.0.1:8000/\n"
+        f"  pip install 'chatcore[testing]' && python -m pytest"
+    )
+    return 0
+
+
+def _redis_extra_missing() -> str | None:
+    """Why ``--redis-url`` cannot work here (the extra is not installed), or None."""
+    try:
+        import coredis  # noqa: F401
+    except ImportError as exc:
+        return f"--redis-url needs the Redis extra ({exc}): pip install 'chatcore[redis]'"
+    return None
+
+
 def _serve_command(args: argparse.Namespace) -> int:
+    if args.worker_fd is not None:
+        # Lets an app tell its workers from the server (e.g. to log a notice once).
+        os.environ["CHATCORE_WORKER"] = "1"
+    if args.redis_url and (missing := _redis_extra_missing()):
+        raise SystemExit(f"chatcore: {missing}")
     if args.redis_url:
         # Before the target is imported: its Hub picks its backplane from this.
         # Worker processes inherit it.
@@ -321,9 +369,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=getattr(args, "log_level", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
         return _serve_command(args)
+    if args.command == "new":
+        return _new_command(args)
     raise SystemExit(f"chatcore: unknown command {args.command!r}")  # pragma: no cover

@@ -60,9 +60,11 @@ class Config:
             ``max_queued_bytes + N * outbox_max_bytes``.
         batch_delay: Longest delay (seconds) the writer's wake-up may be held
             back so that messages arriving in the same burst leave in one
-            frame (5 ms). The delay ends early as soon as the process has
-            nothing else to run, so an idle connection gets each message at
-            once. 0 turns batching of wake-ups off.
+            frame (50 ms). The delay ends as soon as the process has nothing
+            else to run, so an idle connection gets each message at once; the
+            whole delay is spent only while the process is busy without a
+            pause, and then it is what makes each frame carry many messages.
+            0 turns batching of wake-ups off.
         batch_max_bytes: Largest frame the writer assembles from queued messages.
         batch_max_messages: Most messages the writer puts in one frame.
         inbox_size: Received messages buffered before the reader stops reading
@@ -85,7 +87,7 @@ class Config:
     outbox_burst_messages: int = attrs.field(default=262_144, validator=_positive)
     slow_consumer_timeout: float = attrs.field(default=5.0, validator=_positive)
     max_queued_bytes: int = attrs.field(default=268_435_456, validator=_positive)
-    batch_delay: float = attrs.field(default=0.005, validator=_non_negative)
+    batch_delay: float = attrs.field(default=0.050, validator=_non_negative)
     batch_max_bytes: int = attrs.field(default=262_144, validator=_positive)
     batch_max_messages: int = attrs.field(default=1_024, validator=_positive)
     inbox_size: int = attrs.field(default=16, validator=_positive)

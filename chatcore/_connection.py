@@ -170,6 +170,46 @@ class Connection:
     closing twice returns the first close.
     """
 
+    # Slots: a connection is created thousands of times; no per-instance dict.
+    __slots__ = (
+        "__weakref__",
+        "_actor_task",
+        "_arbiter",
+        "_batch_delay",
+        "_beat_entry",
+        "_bytes_sent",
+        "_close_deadline",
+        "_closed",
+        "_coalesced",
+        "_flushed",
+        "_frame_started",
+        "_frames_sent",
+        "_handshake_scope",
+        "_inbox_receive",
+        "_inbox_send",
+        "_marked",
+        "_messages_queued",
+        "_messages_received",
+        "_nursery",
+        "_outbox",
+        "_pacer",
+        "_pending_tasks",
+        "_rejection",
+        "_room_lot",
+        "_seen",
+        "_send_scope",
+        "_transport",
+        "_transport_broken",
+        "_unsent",
+        "_writer_idle",
+        "_writer_lot",
+        "config",
+        "id",
+        "identity",
+        "request",
+        "scope",
+    )
+
     def __init__(self, transport: MessageStream, config: Config, connection_id: str) -> None:
         #: Unique id of this connection (in every log line about it).
         self.id = connection_id
@@ -202,6 +242,11 @@ class Connection:
         self._writer_lot = trio.lowlevel.ParkingLot()
         # The writer's wake-up is with the pacer (it wakes it after the burst).
         self._marked = False
+        # The pacer woke the writer: what is queued goes out now.
+        self._flushed = False
+        # The writer is parked on an empty outbox (a push must wake it).
+        self._writer_idle = False
+        self._batch_delay = config.batch_delay
         # When the frame being sent started (the slow-consumer clock).
         self._frame_started = 0.0
         # This connection's entry in the pacer's heartbeat heap (while open).
@@ -306,8 +351,8 @@ class Connection:
         result = outbox.push(message, burst=burst)
         if result is PushResult.QUEUED:
             self._messages_queued += 1
-            if self._writer_lot and not self._marked:
-                delay = self.config.batch_delay
+            if self._writer_idle and not self._marked:
+                delay = self._batch_delay
                 if delay > 0:
                     self._marked = True
                     self._pacer.mark(self, delay)
@@ -333,6 +378,7 @@ class Connection:
     def _wake_writer(self) -> None:
         """The pacer's call after a burst: wake the writer if it is parked."""
         self._marked = False
+        self._flushed = True
         if self._writer_lot:
             self._writer_lot.unpark()
 
@@ -624,13 +670,35 @@ class Connection:
         # frame is being sent (entering a scope per frame costs ~15% of a
         # fan-out's CPU). Parked with an empty outbox, it has no deadline.
         stalled = trio.CancelScope()
+        delay = cfg.batch_delay
         try:
             with stalled:
                 while self._arbiter.state is ConnectionState.OPEN:
-                    frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
-                    if frame is None:
+                    if not len(outbox):
+                        self._writer_idle = True
+                        try:
+                            await self._writer_lot.park()
+                        finally:
+                            self._writer_idle = False
+                        continue
+                    if (
+                        delay > 0
+                        and not self._flushed
+                        and len(outbox) < cfg.batch_max_messages
+                        and outbox.nbytes < cfg.batch_max_bytes
+                    ):
+                        # Less than a frame's worth is queued, and the burst
+                        # that queued it may go on: let the pacer wake us
+                        # after it (a writer that just sent one message would
+                        # otherwise send one message per frame forever).
+                        if not self._marked:
+                            self._marked = True
+                            self._pacer.mark(self, delay)
                         await self._writer_lot.park()
                         continue
+                    self._flushed = False
+                    frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
+                    assert frame is not None
                     if self._room_lot:
                         self._room_lot.unpark_all()
                     self._unsent = frame

@@ -10,12 +10,16 @@ there is work.
 **Batched wake-ups.** A message offered to a connection whose writer is
 parked does not wake the writer at once: the connection is *marked*. The
 flusher wakes every marked writer together once the burst that marked them is
-over, i.e. after :data:`QUIET_PASSES` scheduler passes in which no outbox of
-the run changed (the run's queued-bytes total stayed the same), or after the
-connection's :attr:`Config.batch_delay <chatcore.Config.batch_delay>`, or after
-:data:`MAX_PASSES` passes, whichever comes first. While a client streams
-publishes, each pass of the run loop fans one more of them out, and the
-writers then find them all queued and send them as one frame. When nothing
+over, i.e. after :data:`QUIET_PASSES` scheduler passes in a row in which no
+other task was waiting to run (neither woken by another task nor by I/O) and
+no outbox of the run changed, or after the connection's
+:attr:`Config.batch_delay <chatcore.Config.batch_delay>`, or after
+:data:`MAX_PASSES` passes, whichever comes first. The busier the process, the
+more messages each frame carries, so the cost per message falls as the load
+rises. While a client streams
+publishes, their frames keep arriving on the socket and the tasks that read
+and fan them out keep running; the writers then find them all queued and send
+them as one frame. When nothing
 else runs, the flusher's few passes take microseconds, so an idle connection
 still gets its message at once. The flusher never sleeps while writers are
 marked: it checkpoints, so ``wait_all_tasks_blocked()`` still means
@@ -51,8 +55,10 @@ __all__ = ["MAX_PASSES", "QUIET_PASSES", "Beat", "Pacer", "pacer"]
 
 logger = logging.getLogger("chatcore.connection")
 
-#: Scheduler passes without a change to any outbox after which marked writers are woken.
-QUIET_PASSES = 3
+#: Scheduler passes in a row with nothing else to run after which marked
+#: writers are woken. Several, because Trio runs a pass's tasks in either order:
+#: the flusher may run before the tasks of its own pass and see none waiting.
+QUIET_PASSES = 4
 #: Most scheduler passes a mark waits (bounds the delay under virtual clocks
 #: and under a load that never pauses).
 MAX_PASSES = 256
@@ -101,6 +107,7 @@ class Pacer:
         self._marked: list[Paced] = []
         # Shortest batch delay among the marked connections of this round.
         self._delay = math.inf
+
         # The flusher parks here while nothing is marked.
         self._flusher_lot = trio.lowlevel.ParkingLot()
         # Heap of (due, tiebreak, beat).
@@ -124,6 +131,7 @@ class Pacer:
 
     async def _flusher(self) -> None:
         checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+        statistics = trio.lowlevel.current_statistics
         now = trio.current_time
         while True:
             if not self._marked:
@@ -131,17 +139,17 @@ class Pacer:
                 continue
             deadline = now() + self._delay
             total = self.queued
-            last = total.nbytes
+            queued = total.nbytes
             quiet = passes = 0
             while quiet < QUIET_PASSES and passes < MAX_PASSES:
                 await checkpoint()
                 passes += 1
-                if total.nbytes == last:
+                if statistics().tasks_runnable == 0 and total.nbytes == queued:
                     quiet += 1
                 else:
-                    # Messages are still being queued: the burst goes on.
+                    # Other tasks still run (reading, fanning out): the burst goes on.
                     quiet = 0
-                    last = total.nbytes
+                    queued = total.nbytes
                     if now() >= deadline:
                         break
             self._flush()

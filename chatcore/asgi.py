@@ -49,6 +49,7 @@ import trio
 from ._config import Config
 from ._connection import ConnectionHandler
 from ._server import ServedHandler, refuse_asgi_websocket, serve_asgi_websocket, served
+from .static import serve_client_script
 from .transports._asgi_stream import (
     LINGER,
     ASGIMessage,
@@ -129,6 +130,11 @@ class ASGIApp:
         TypeError: ``handler`` is not a :class:`~chatcore.ConnectionHandler`.
         ValueError: ``path`` or ``health_path`` does not start with ``/``.
     """
+
+    #: Where the browser client ``chatcore.js`` is served (GET/HEAD), before
+    #: ``http_app`` sees the request; set it on the instance to move the route,
+    #: or to ``None`` to leave that path to ``http_app``. See docs/client-js.md.
+    client_path: str | None = "/chatcore.js"
 
     def __init__(
         self,
@@ -301,6 +307,8 @@ class ASGIApp:
                 await _respond(send, status, body if method == "GET" else b"", headers, len(body))
             else:
                 await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+        elif self.client_path is not None and scope.get("path") == self.client_path:
+            await serve_client_script(scope, send)  # the browser client, chatcore.js
         elif self.http_app is not None:
             await self.http_app(scope, receive, send)
         else:

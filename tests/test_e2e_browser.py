@@ -42,9 +42,11 @@ from websockets.sync.client import connect
 from examples.chat.token import token_for
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ("tests.redis_server",)
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
+#: Debian's Chromium, found on PATH (a PATH without it is a machine without it).
+CHROMIUM = Path(shutil.which("chromium") or "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -305,7 +307,10 @@ def test_health_and_page_over_http(server: ChatServer) -> None:
     status, body = server.get("/")
     assert status == 200
     assert b'<script type="module" src="/app.js">' in body
-    assert server.get("/chatcore.js")[0] == 200
+    assert server.get("/chatcore.js")[0] == 200  # served by ASGIApp itself
+    status, body = server.get("/favicon.svg")
+    assert (status, body[:4]) == (200, b"<svg")
+    assert b'href="/favicon.svg"' in server.get("/")[1]
     assert server.get("/nope")[0] == 404
 
 
@@ -363,8 +368,8 @@ def messages(ws: Any) -> Iterator[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium (the Debian package), one per module."""
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing (apt-get install chromium) - needed for browser tests"
+    if shutil.which("chromium") is None:
+        reason = "chromium is missing (apt-get install chromium) - needed for browser tests"
         if IN_CI:
             pytest.fail(f"CI=true: {reason}")
         pytest.skip(reason)
@@ -402,10 +407,15 @@ def open_page(
     failed_before = request.session.testsfailed
     opened: list[tuple[str, Any, Any, list[str]]] = []
 
-    def open_page(user: str, query: str | None = None, url: str | None = None) -> Any:
+    def open_page(
+        user: str,
+        query: str | None = None,
+        url: str | None = None,
+        viewport: dict[str, int] | None = None,
+    ) -> Any:
         """``query``: the page's query string (default: sign in, join "lobby");
-        ``url``: where the page is (default: the server)."""
-        context = browser.new_context()
+        ``url``: where the page is (default: the server); ``viewport``: its size."""
+        context = browser.new_context(**({"viewport": viewport} if viewport else {}))
         page = context.new_page()
         page.set_default_timeout(WAIT * 1000)
         console: list[str] = []
@@ -454,8 +464,10 @@ def expect_joined(page: Any, room: str = "lobby") -> None:
 
 
 def say(page: Any, text: str) -> None:
+    """Type ``text`` and click Send (a real click: the button must be visible,
+    enabled, and the topmost element where it is drawn)."""
     page.locator("#text").fill(text)
-    page.locator("#text").press("Enter")
+    page.get_by_role("button", name="Send").click()
 
 
 def expect_message(page: Any, user: str, text: str) -> None:
@@ -468,10 +480,18 @@ def expect_message(page: Any, user: str, text: str) -> None:
 
 
 def expect_texts(page: Any, texts: list[str]) -> None:
-    """The page shows exactly these messages, in this order (so: once each)."""
+    """The page shows exactly these messages, in this order (so: once each);
+    messages kept from before the server lost the room (greyed) do not count."""
     from playwright.sync_api import expect
 
-    expect(page.get_by_test_id("messages").locator("li .text")).to_have_text(texts)
+    expect(page.get_by_test_id("messages").locator("li:not(.earlier) .text")).to_have_text(texts)
+
+
+def screenshot(page: Any, name: str) -> None:
+    """Save a screenshot for the docs when CHATCORE_SCREENSHOTS names a directory."""
+    directory = os.environ.get("CHATCORE_SCREENSHOTS")
+    if directory:
+        page.screenshot(path=str(Path(directory) / f"{name}.png"))
 
 
 def events(page: Any, name: str) -> list[Any]:
@@ -496,8 +516,11 @@ def test_two_users_chat_in_a_room(open_page: OpenPage) -> None:
 
     alice.locator("#text").fill("hello from alice")  # typing...
     expect(bob.get_by_test_id("typing")).to_have_text("alice is typing…")
-    alice.locator("#text").press("Enter")
+    screenshot(bob, "chat-typing")
+    alice.get_by_role("button", name="Send").click()
     expect_message(bob, "alice", "hello from alice")
+    # Her message is there: the typing line went with it (not 3 s later).
+    assert bob.get_by_test_id("typing").text_content() == ""
     expect_message(alice, "alice", "hello from alice")
     expect(alice.get_by_test_id("typing")).to_have_text("")  # nobody told alice about herself
 
@@ -522,6 +545,7 @@ def test_bot_streams_to_the_asker_only(open_page: OpenPage) -> None:
     assert [e["event"] for e in streamed][:2] == ["started", "chunk"]
     assert streamed[-1] == {
         "type": "bot",
+        "room": "lobby",
         "stream": int(bot.get_attribute("data-completed")),
         "event": "completed",
     }
@@ -534,11 +558,8 @@ def test_bot_streams_to_the_asker_only(open_page: OpenPage) -> None:
     assert events(bob, "bot") == []
 
 
-def test_pages_reconnect_by_themselves_after_a_restart(
-    open_page: OpenPage, server: ChatServer
-) -> None:
-    from playwright.sync_api import expect
-
+def two_pages_said_before_the_restart(open_page: OpenPage) -> tuple[Any, Any]:
+    """alice and bob in the lobby; alice said "before the restart"; events cleared."""
     alice, bob = open_page("alice"), open_page("bob")
     expect_joined(alice)
     expect_joined(bob)
@@ -546,6 +567,15 @@ def test_pages_reconnect_by_themselves_after_a_restart(
     expect_message(bob, "alice", "before the restart")
     for page in (alice, bob):
         page.evaluate("window.events = []")
+    return alice, bob
+
+
+def test_pages_reconnect_by_themselves_after_a_restart(
+    open_page: OpenPage, server: ChatServer
+) -> None:
+    from playwright.sync_api import expect
+
+    alice, bob = two_pages_said_before_the_restart(open_page)
 
     assert server.stop() == 0, server.log()
     for page in (alice, bob):
@@ -574,9 +604,14 @@ def test_pages_reconnect_by_themselves_after_a_restart(
     say(bob, "welcome back")
     expect_message(alice, "bob", "welcome back")
     # The pages reloaded the room from the server (`history`): what it has, once
-    # each, in order; what only the old process had is gone, not mixed in.
+    # each, in order; what only the old process had is kept apart (greyed, above
+    # a line), with a notice saying it could not be recovered.
     for page in (alice, bob):
         expect_texts(page, ["after the restart", "welcome back"])
+        earlier = page.get_by_test_id("messages").locator("li.earlier .text")
+        expect(earlier).to_have_text(["before the restart"])
+        expect(page.get_by_test_id("room-notice")).to_contain_text("could not recover")
+    screenshot(alice, "chat-after-restart")
 
 
 def test_a_page_that_lost_its_connection_gets_every_missed_message_once(
@@ -658,8 +693,10 @@ def test_signing_in_and_joining_with_the_forms(open_page: OpenPage) -> None:
     expect(page.get_by_test_id("login")).to_be_hidden()
     expect(page.locator("#chat")).to_be_visible()
 
+    # Send and Leave appear once there is a room to send to or leave.
+    expect(page.get_by_test_id("compose")).to_be_hidden()
     page.locator("#room").fill("garden")
-    page.locator("#room").press("Enter")
+    page.get_by_role("button", name="Join").click()
     expect(page.get_by_test_id("room-title")).to_have_text("garden")
     expect(page.locator("#rooms li.active")).to_have_text("garden")
     say(page, "anyone here?")
@@ -668,6 +705,7 @@ def test_signing_in_and_joining_with_the_forms(open_page: OpenPage) -> None:
     page.get_by_role("button", name="Leave room").click()
     expect(page.locator("#rooms li")).to_have_count(0)
     expect(page.get_by_test_id("room-title")).to_have_text("")
+    expect(page.get_by_test_id("compose")).to_be_hidden()
 
 
 @pytest.mark.parametrize(
@@ -696,3 +734,175 @@ def test_a_silent_server_is_noticed_and_the_page_reconnects(
     alice.wait_for_function("window.events.some(([name]) => name === 'joined')")
     say(alice, "back again")
     expect_message(alice, "alice", "back again")
+
+
+def sign_in_with_the_form(page: Any, user: str, token: str) -> None:
+    page.locator("#user").fill(user)
+    page.locator("#token").fill(token)
+    page.get_by_role("button", name="Connect").click()
+
+
+def test_a_wrong_token_brings_the_form_back_with_a_message(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page("mallory", query="")
+    sign_in_with_the_form(page, "mallory", "not-the-token")
+    # Every handshake is refused (401): after a few attempts the page gives up.
+    error = page.get_by_test_id("login-error")
+    expect(error).to_have_text(
+        "Could not sign in: the server refused this name or token. Check them and connect again."
+    )
+    expect(page.get_by_test_id("status")).to_have_text("failed")
+    expect(page.get_by_test_id("login")).to_be_visible()
+    expect(page.locator("#chat")).to_be_hidden()
+    expect(page.locator("#user")).to_have_value("mallory")  # kept, to correct
+    screenshot(page, "sign-in-refused")
+
+    page.locator("#token").fill(token_for("mallory", SECRET))
+    page.get_by_role("button", name="Connect").click()
+    expect(page.get_by_test_id("status")).to_have_text("open")
+    expect(error).to_be_hidden()
+    expect(page.get_by_test_id("me")).to_have_text("signed in as mallory")
+
+
+def test_bad_names_get_the_pages_own_message(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page("dave", query="")
+    sign_in_with_the_form(page, "dave smith", "x")
+    expect(page.get_by_test_id("login-error")).to_have_text(
+        "A name is 1 to 64 letters, digits, dots, dashes or underscores."
+    )
+    expect(page.get_by_test_id("status")).to_have_text("idle")  # nothing was sent
+
+    sign_in_with_the_form(page, "dave", token_for("dave", SECRET))
+    expect(page.get_by_test_id("status")).to_have_text("open")
+    page.locator("#room").fill("no spaces here")
+    page.get_by_role("button", name="Join").click()
+    expect(page.get_by_test_id("join-error")).to_have_text(
+        "A room name is 1 to 64 letters, digits, or . _ : -"
+    )
+    expect(page.locator("#rooms li")).to_have_count(0)
+
+
+def test_each_room_has_its_own_bot_panel(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    alice = open_page("alice")
+    expect_joined(alice)
+    say(alice, "/ask what is a nursery?")
+    bot = alice.get_by_test_id("bot")
+    expect(bot).to_have_attribute("data-completed", re.compile(r"^\d+$"))
+    expect(bot).to_contain_text("bot: You asked: what is a nursery?")
+
+    alice.locator("#room").fill("garden")
+    alice.get_by_role("button", name="Join").click()
+    expect(alice.get_by_test_id("room-title")).to_have_text("garden")
+    expect(bot).to_be_hidden()  # the lobby's answer stays in the lobby
+
+    alice.locator("#rooms li", has_text="lobby").click()
+    expect(alice.get_by_test_id("room-title")).to_have_text("lobby")
+    expect(bot).to_contain_text("bot: You asked: what is a nursery?")
+
+
+PHONE = {"width": 375, "height": 740}
+
+
+def test_every_control_works_with_real_clicks_on_a_phone(open_page: OpenPage) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page("erin", query="", viewport=PHONE)
+    sign_in_with_the_form(page, "erin", token_for("erin", SECRET))
+    expect(page.get_by_test_id("status")).to_have_text("open")
+    for room in ("lobby", "garden"):
+        page.locator("#room").fill(room)
+        page.get_by_role("button", name="Join").click()
+        expect(page.get_by_test_id("room-title")).to_have_text(room)
+    page.locator("#rooms li", has_text="lobby").click()
+    expect(page.get_by_test_id("room-title")).to_have_text("lobby")
+    say(page, "hello from a phone")
+    expect_message(page, "erin", "hello from a phone")
+    assert_laid_out(page, PHONE["width"])
+    screenshot(page, "chat-phone")
+
+    page.get_by_role("button", name="Leave room").click()
+    expect(page.get_by_test_id("room-title")).to_have_text("garden")
+    expect(page.locator("#rooms li")).to_have_text(["garden"])
+
+
+def test_every_control_is_laid_out_on_a_desktop(open_page: OpenPage) -> None:
+    alice, bob = open_page("alice"), open_page("bob")
+    expect_joined(alice)
+    expect_joined(bob)
+    say(bob, "hi alice")
+    expect_message(alice, "bob", "hi alice")
+    assert_laid_out(alice, alice.viewport_size["width"])
+    screenshot(alice, "chat-desktop")
+
+
+def assert_laid_out(page: Any, width: int) -> None:
+    """Nothing is wider than the page; no two visible controls overlap."""
+    boxes = page.evaluate(
+        """() => [...document.querySelectorAll("input, button, #rooms li")]
+            .filter((e) => e.offsetParent !== null)
+            .map((e) => {
+                const r = e.getBoundingClientRect();
+                return {name: e.id || e.textContent, x: r.x, y: r.y, w: r.width, h: r.height};
+            })"""
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    assert len(boxes) >= 5, boxes
+    for box in boxes:
+        assert box["x"] >= 0, box
+        assert box["x"] + box["w"] <= width, box
+        assert box["w"] > 20, box
+        assert box["h"] > 10, box
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            apart = (
+                a["x"] + a["w"] <= b["x"]
+                or b["x"] + b["w"] <= a["x"]
+                or a["y"] + a["h"] <= b["y"]
+                or b["y"] + b["h"] <= a["y"]
+            )
+            assert apart, (a, b)
+
+
+def test_with_redis_the_page_keeps_every_message_across_a_restart(
+    open_page: OpenPage, server: ChatServer, redis_server: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    server.stop()  # the same server, on Redis: the room's history outlives the process
+    server.options = ("--redis-url", redis_server.url)
+    server.start()
+    alice, bob = two_pages_said_before_the_restart(open_page)
+
+    assert server.stop() == 0, server.log()
+    server.start()
+    for page in (alice, bob):
+        expect(page.get_by_test_id("status")).to_have_text("open", timeout=RECONNECT_WAIT * 1000)
+        page.wait_for_function(
+            "window.events.some(([name, d]) => name === 'joined' && d.room === 'lobby')"
+        )
+        [joined] = events(page, "joined")
+        assert (joined["recovered"], joined["reset"]) == (True, False), joined
+    say(bob, "after the restart")
+    for page in (alice, bob):
+        expect_texts(page, ["before the restart", "after the restart"])
+        expect(page.get_by_test_id("room-notice")).to_be_hidden()
+        expect(page.get_by_test_id("messages").locator("li.earlier")).to_have_count(0)
+
+
+def test_no_server_at_all_says_so(open_page: OpenPage, server: ChatServer) -> None:
+    from playwright.sync_api import expect
+
+    page = open_page("frank", query="")
+    expect(page.get_by_test_id("login")).to_be_visible()
+    assert server.stop() == 0, server.log()  # the page is loaded; its server is gone
+    sign_in_with_the_form(page, "frank", token_for("frank", SECRET))
+    expect(page.get_by_test_id("login-error")).to_have_text(
+        "Could not sign in: the server is not reachable. Try again in a moment."
+    )
+    expect(page.get_by_test_id("status")).to_have_text("failed")
+    expect(page.locator("#chat")).to_be_hidden()

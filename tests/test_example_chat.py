@@ -318,6 +318,7 @@ async def test_bot_streams_to_the_asker_only(
         ]
         assert len(events) >= 5
         assert len({e["stream"] for e in events}) == 1
+        assert {e["room"] for e in events} == {room}  # the page shows it in that room
         answer = "".join(e["text"] for e in events[1:-1])
         assert answer.startswith("You asked: what is trio?")
 
@@ -548,6 +549,7 @@ def test_token_command_usage(args: tuple[str, ...], secret: str | None) -> None:
     done = run_token_command(*args, secret=secret)
     assert done.returncode == 2
     assert done.stdout == ""
+    # The module's own name: right wherever the file was copied to.
     assert "usage: CHAT_SECRET=... python -m examples.chat.token NAME" in done.stderr
 
 
@@ -579,8 +581,8 @@ async def test_pages_serve_the_page_and_its_scripts() -> None:
     assert body == (await get("/index.html"))[2]
     for path, ctype in [
         ("/app.js", b"text/javascript"),
-        ("/chatcore.js", b"text/javascript"),
         ("/style.css", b"text/css"),
+        ("/favicon.svg", b"image/svg+xml"),
     ]:
         status, headers, body = await get(path)
         assert status == 200
@@ -588,7 +590,10 @@ async def test_pages_serve_the_page_and_its_scripts() -> None:
         assert int(headers[b"content-length"]) == len(body) > 0
 
 
-@pytest.mark.parametrize("path", ["/nope", "/../app.py", "/static/app.js", "/app.py", "/token.py"])
+@pytest.mark.parametrize(
+    "path",
+    ["/nope", "/../app.py", "/static/app.js", "/app.py", "/token.py", "/chatcore.js"],
+)
 async def test_pages_answer_404_for_anything_else(path: str) -> None:
     status, _, body = await get(path)
     assert (status, body) == (404, b"not found")

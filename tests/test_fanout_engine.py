@@ -103,7 +103,7 @@ async def test_a_writer_is_not_starved_by_a_load_that_never_pauses(
             produced += 1
             await trio.lowlevel.checkpoint()
     assert first_frame_after is not None
-    assert first_frame_after <= MAX_PASSES + 2
+    assert first_frame_after <= MAX_PASSES + 8  # + the passes of writer, link and reader
 
 
 async def test_a_real_time_batch_delay_bounds_the_wait_under_constant_load() -> None:

@@ -18,6 +18,7 @@ the way the Redis backplane shares them across processes.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import AsyncIterator, Mapping
@@ -402,9 +403,11 @@ async def test_diffs_coalesce_per_user_for_a_member_that_falls_behind(
 ) -> None:
     hub = presence_hub()
     async with running(hub), trio.open_nursery() as nursery:
-        # A member whose socket buffers one frame and who stops reading.
+        # A member whose socket buffers one frame and who stops reading; one
+        # frame per message (no batched wake-ups), so what sits where is known.
         stream, wire = memory_stream_pair(HandshakeRequest("/ws", "user=slow"), capacity=1)
-        await nursery.start(serve_connection, stream, hub)
+        unbatched = attrs.evolve(TEST_CONFIG, batch_delay=0)
+        await nursery.start(functools.partial(serve_connection, stream, hub, config=unbatched))
         await wire.wait_accepted()
         await wire.send(json.dumps({"type": "join", "room": "r", "ref": 1}))
         await trio.testing.wait_all_tasks_blocked()

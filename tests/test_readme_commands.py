@@ -209,3 +209,30 @@ def test_readme_run_command_from_a_fresh_clone(tmp_path: Path) -> None:
         process.wait(timeout=10)
     output = log.read_text()
     assert "Traceback" not in output, output
+
+
+async def test_the_taste_runs_as_the_readme_says(
+    tmp_path: Path, connect: Any, autojump_clock: Any
+) -> None:
+    """The README's "A taste" block is a module ``chatcore serve taste:handler`` accepts."""
+    import sys
+
+    from chatcore._cli import build_app, load_target
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^## A taste\n.*?^```python\n(.*?)^```\n(.*?)^## ", text, re.M | re.S)
+    assert match, "README.md has no '## A taste' python block"
+    code, after = match.groups()
+    assert "chatcore serve taste:handler" in after
+    (tmp_path / "taste.py").write_text(code, encoding="utf-8")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        handler = load_target("taste:handler")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("taste", None)
+    build_app(handler)  # what `chatcore serve` does with it
+    (_, alice), (_, bob) = await connect(handler), await connect(handler)
+    await alice.send("hello")
+    for client in (alice, bob):
+        assert json.loads(await client.receive()) == {"type": "message", "data": "hello"}

@@ -63,11 +63,15 @@ class WindowCounter:
         self.limit = limit
         #: Window length in seconds.
         self.window = window
-        self._stamps: deque[float] = deque(maxlen=limit + 1)
+        # Made on the first event: most connections never have one, and an
+        # empty deque already holds a block of 64 slots.
+        self._stamps: deque[float] | None = None
 
     def hit(self, now: float) -> bool:
         """Record an event at ``now``; True if more than ``limit`` fall in the window."""
         stamps = self._stamps
+        if stamps is None:
+            stamps = self._stamps = deque(maxlen=self.limit + 1)
         stamps.append(now)
         while stamps and stamps[0] <= now - self.window:
             stamps.popleft()

@@ -208,7 +208,7 @@ class Outbox:
         self.dropped = 0
         # FIFO of queued messages; keyed ones are also indexed by key so a newer
         # message with the same key can replace them in place.
-        self._queue: deque[_Slot] = deque()
+        self._queue: deque[_Slot | OutboundMessage] = deque()
         self._keyed: dict[str, _Slot] = {}
 
     def __len__(self) -> int:
@@ -234,8 +234,9 @@ class Outbox:
                 (:attr:`PushResult.OVERFLOW`) instead of using the burst
                 allowance: for a caller that handles a full outbox itself.
         """
-        if message.key is not None:
-            slot = self._keyed.get(message.key)
+        key = message.key
+        if key is not None:
+            slot = self._keyed.get(key)
             if slot is not None:
                 grown = self.nbytes - slot.nbytes + message.nbytes
                 if grown > self.max_bytes and not (
@@ -248,14 +249,19 @@ class Outbox:
                 self.nbytes = grown
                 return PushResult.COALESCED
         nbytes = message.nbytes
-        if (
-            self.nbytes + nbytes > self.max_bytes or len(self._queue) >= self.max_messages
-        ) and not (burst and self._may_burst(message, nbytes, 1)):
+        queue = self._queue
+        if (self.nbytes + nbytes > self.max_bytes or len(queue) >= self.max_messages) and not (
+            burst and self._may_burst(message, nbytes, 1)
+        ):
             return self._refuse(message)
-        slot = _Slot(message.text, nbytes, message.key)
-        self._queue.append(slot)
-        if message.key is not None:
-            self._keyed[message.key] = slot
+        if key is None:
+            # Immutable and shared by every outbox it is offered to: no copy.
+            queue.append(message)
+        else:
+            # Coalescing rewrites it in place: this outbox's own slot.
+            slot = _Slot(message.text, nbytes, key)
+            queue.append(slot)
+            self._keyed[key] = slot
         self.nbytes += nbytes
         self._total.nbytes += nbytes
         return PushResult.QUEUED
@@ -326,7 +332,7 @@ class Outbox:
         self.nbytes = 0
         return n
 
-    def _forget(self, slot: _Slot) -> None:
+    def _forget(self, slot: _Slot | OutboundMessage) -> None:
         key = slot.key
         if key is not None and self._keyed.get(key) is slot:
             del self._keyed[key]

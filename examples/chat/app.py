@@ -19,8 +19,8 @@ Everything a chat backend needs, small enough to read in one sitting:
   the page shows on joining and whenever it could not recover what it missed.
   ``CHAT_PRESENCE_GRACE`` (seconds, default 5) is how long a user who closed
   their last tab still counts as present.
-* The page at ``/``, the reusable JS client at ``/chatcore.js``, health at
-  ``/healthz``.
+* The page at ``/``, health at ``/healthz``, and the browser client
+  ``/chatcore.js`` (served by :class:`~chatcore.asgi.ASGIApp` itself).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from chatcore.sansio import AppMessage, valid_room, valid_user
 from .pages import Pages
 from .token import token_for
 
-logger = logging.getLogger("examples.chat")
+logger = logging.getLogger(__name__)
 
 #: The server secret tokens are keyed with (``None``: dev mode).
 SECRET: str | None = os.environ.get("CHAT_SECRET") or None
@@ -53,7 +53,8 @@ EXTRA_ORIGINS = frozenset(
 #: Seconds a user stays present after their last connection in a room is gone.
 PRESENCE_GRACE = float(os.environ.get("CHAT_PRESENCE_GRACE", "5"))
 
-if SECRET is None:
+# Once per server: `chatcore serve --workers N` sets CHATCORE_WORKER in its workers.
+if SECRET is None and not os.environ.get("CHATCORE_WORKER"):
     logger.warning(
         "CHAT_SECRET is not set: DEV MODE, any valid user name is accepted without a token"
     )
@@ -94,19 +95,21 @@ def _text_of(data: Any) -> str | None:
 _streams = itertools.count(1)
 
 
-async def stream_answer(session: Session, question: str) -> None:
+async def stream_answer(session: Session, room: str, question: str) -> None:
     """The bot: stream an answer to the asker only, as started/chunk…/completed.
 
-    Runs in the asker's connection nursery: if the tab closes mid-stream this
-    task is cancelled, so nothing is ever sent after the close.
+    Every event names the ``room`` the question was asked in. Runs in the
+    asker's connection nursery: if the tab closes mid-stream this task is
+    cancelled, so nothing is ever sent after the close.
     """
     stream = next(_streams)
-    await session.send({"type": "bot", "stream": stream, "event": "started"})
+    head = {"type": "bot", "room": room, "stream": stream}
+    await session.send({**head, "event": "started"})
     words = f"You asked: {question}. Here is a streamed answer, one chunk at a time.".split()
     for word in words:
         await trio.sleep(0.05)  # stands in for a model producing tokens
-        await session.send({"type": "bot", "stream": stream, "event": "chunk", "text": word + " "})
-    await session.send({"type": "bot", "stream": stream, "event": "completed"})
+        await session.send({**head, "event": "chunk", "text": word + " "})
+    await session.send({**head, "event": "completed"})
 
 
 async def on_publish(session: Session, room: str, data: Any) -> Any:
@@ -114,7 +117,7 @@ async def on_publish(session: Session, room: str, data: Any) -> Any:
     text = _text_of(data)
     if text is not None and text.startswith("/ask "):
         # At most 200 characters of the question: that bounds the stream's length.
-        session.start_soon(stream_answer, session, text[5:].strip()[:200], name="bot")
+        session.start_soon(stream_answer, session, room, text[5:].strip()[:200], name="bot")
     return data
 
 

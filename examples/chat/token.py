@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     """Print ``token_for(argv[0], $CHAT_SECRET)``; 2 with a usage line if misused."""
     secret = os.environ.get("CHAT_SECRET")
     if len(argv) != 1 or not secret:
-        print("usage: CHAT_SECRET=... python -m examples.chat.token NAME", file=sys.stderr)
+        module = __spec__.name if __spec__ is not None else "token"  # this module's own name
+        print(f"usage: CHAT_SECRET=... python -m {module} NAME", file=sys.stderr)
         return 2
     print(token_for(argv[0], secret))
     return 0

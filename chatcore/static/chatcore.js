@@ -1,5 +1,6 @@
 // chatcore.js: a small browser client for chatcore's protocol v1.
-// Reusable as is: `import { ChatClient } from "/chatcore.js"`.
+// Served by every chatcore ASGIApp at /chatcore.js:
+// `import { ChatClient } from "/chatcore.js"`. Types: chatcore.d.ts.
 //
 // - splits JSON-lines frames, answers the server's pings;
 // - request/reply by `ref` (join, leave, publish return Promises);
@@ -15,14 +16,19 @@
 //   (`recovered: false`);
 // - tells the page when to reload a room: the `joined` event has `reset: true`
 //   (first join, `recovered: false`, new epoch), and a `reset` event fires for
-//   a live message of another epoch or after a gap in the offsets.
+//   a live message of another epoch or after a gap in the offsets;
+// - gives up when it never got in: `maxSignInAttempts` connection attempts in
+//   a row that end before the server's hello (a browser cannot see the HTTP
+//   401/403 of a refused handshake, only that it failed) end with status
+//   "failed" and a `failed` event. Once signed in, it retries for ever.
 
 const NO_RECONNECT = new Set([1000, 1003, 1007, 1008, 1009, 4002]);
 
 export class ChatClient extends EventTarget {
   /**
    * @param {string} url  ws:// or wss:// URL, including ?user=…&token=…
-   * @param {{minDelayMs?: number, maxDelayMs?: number, requestTimeoutMs?: number}} options
+   * @param {{minDelayMs?: number, maxDelayMs?: number, requestTimeoutMs?: number,
+   *          maxSignInAttempts?: number}} options
    */
   constructor(url, options = {}) {
     super();
@@ -30,7 +36,8 @@ export class ChatClient extends EventTarget {
     this.minDelayMs = options.minDelayMs ?? 500;
     this.maxDelayMs = options.maxDelayMs ?? 30000;
     this.requestTimeoutMs = options.requestTimeoutMs ?? 10000;
-    this.status = "idle"; // idle | connecting | open | reconnecting | closed
+    this.maxSignInAttempts = options.maxSignInAttempts ?? 3;
+    this.status = "idle"; // idle | connecting | open | reconnecting | closed | failed
     this.user = null;
     this.rooms = new Map(); // room -> {epoch, offset}
     this._pending = new Map(); // ref -> {resolve, reject, timer}
@@ -42,11 +49,14 @@ export class ChatClient extends EventTarget {
     this._timer = null;
     this._silenceMs = null; // from hello.heartbeat: how long the server may be silent
     this._watchdog = null;
+    this._signedIn = false; // a hello arrived since connect()
   }
 
   /** Open the connection (and keep it open until close()). */
   connect() {
     this._stopped = false;
+    this._signedIn = false;
+    this._attempt = 0;
     this._open();
   }
 
@@ -125,7 +135,7 @@ export class ChatClient extends EventTarget {
   }
 
   _open() {
-    this._setStatus(this._attempt === 0 ? "connecting" : "reconnecting");
+    this._setStatus(this._signedIn ? "reconnecting" : "connecting");
     const ws = new WebSocket(this.url);
     this._ws = ws;
     ws.onopen = () => {};
@@ -146,6 +156,7 @@ export class ChatClient extends EventTarget {
           this._silenceMs = message.heartbeat.interval_ms + message.heartbeat.timeout_ms;
         }
         this._attempt = 0;
+        this._signedIn = true;
         this._serverDelayMs = null;
         this._setStatus("open");
         this._emit("hello", message);
@@ -235,6 +246,14 @@ export class ChatClient extends EventTarget {
       this._setStatus("closed");
       return;
     }
+    if (!this._signedIn && this._attempt + 1 >= this.maxSignInAttempts) {
+      // Never got in: a refused name or token, or no server there. Retrying
+      // for ever would leave the user staring at "reconnecting".
+      this._stopped = true;
+      this._setStatus("failed");
+      this._emit("failed", { code, reason, attempts: this._attempt + 1 });
+      return;
+    }
     let delay;
     if (this._serverDelayMs !== null) {
       delay = this._serverDelayMs; // the server spread these out for us
@@ -244,7 +263,7 @@ export class ChatClient extends EventTarget {
       delay = Math.random() * cap; // full jitter
     }
     this._attempt += 1;
-    this._setStatus("reconnecting");
+    this._setStatus(this._signedIn ? "reconnecting" : "connecting");
     this._timer = setTimeout(() => this._open(), delay);
   }
 }
