@@ -1,256 +1,527 @@
-"""Fan-out through chatcore's Hub versus the naive per-message broadcast loop.
+"""Fan-out side by side: chatcore serve, chatcore on trio-websocket, websockets, raw loops.
 
-M receivers in one room, K messages of about 100 bytes. Every receiver counts
-its messages and checks their offsets (1..K, in order, none twice); a row is
-"verified" only if every receiver got every message.
+Every server runs in its own process on 127.0.0.1 (``_harness.start_server``),
+one at a time, interleaved over ``--repeat`` rounds; all clients of a scenario
+run in one more process (``_client.py``), which checks every delivery for
+count and order. Server CPU and RSS come from ``/proc``. Scenarios
+(``--scenarios``, default all):
 
-Transports:
+``fanout``   one client publishes K x 100 B to M members: server CPU µs per
+             delivery, frames per message (target: chatcore serve <= websockets).
+``latency``  R receivers, one publisher at 100 msg/s for a bounded time:
+             p50/p99 publish-to-delivery latency, server CPU % (targets:
+             p99 <= 10 ms, CPU <= 2 x websockets).
+``burst``    the server publishes K messages in one go (``GET /burst``) to M
+             members: CPU per delivery (target: chatcore serve <= 1/6 of raw-hypercorn).
+``idle``     N joined idle connections: KiB RSS per connection (targets:
+             chatcore serve <= 36, chatcore-trio-ws <= 20).
+``churn``    rounds of C connections opened, joined and reset (RST): RSS after
+             each round (target: last round within 20 % of the first round's peak).
+``slow``     readers reading normally + 1 never-reading client (small receive
+             buffer); the publisher sends 64 x 64 KB then S x 100 B: readers and
+             publisher closed (target 0), readers that got every message, whether
+             the readers stalled (nothing for 5 s), when the never-reading
+             client was closed, peak RSS.
 
-* ``memory``: chatcore's in-memory transport, server and clients in this
-  process (see ``_inmemory.py`` for how the server's share is bounded);
-  compared with a naive loop (writer task per connection, one ``send`` per
-  message) on the same in-memory streams.
-* ``loopback``: real WebSockets on 127.0.0.1; the server in its own process
-  (``_server.py``), the clients in another (``_client.py``, a cheap epoll
-  client); server CPU from the server process only. Compared with a raw
-  trio-websocket server without chatcore (``await ws.send_message`` once per
-  message per connection, from a per-connection memory channel).
+Run (from the repository root)::
 
-Publishing (``--publish``):
-
-* ``burst``: the server publishes the K messages in one scheduler pass (K
-  concurrent ``hub.publish`` calls; the others loop without yielding).
-* ``paced``: the server publishes one message per scheduler pass (it yields
-  after each).
-* ``client``: one of the receivers publishes the K messages over its WebSocket
-  as fast as it can (the hub's rate limit is raised out of the way).
-
-Run::
-
-    .venv/bin/python bench/fanout.py --quick     # M=200, K=50: well under a minute
-    .venv/bin/python bench/fanout.py             # M=200/1000/2000, K=200: ~9 min on 2 cores
-    .venv/bin/python bench/fanout.py --json      # also write bench/results/fanout-*.json
+    .venv/bin/python bench/fanout.py --quick                 # a few minutes
+    .venv/bin/python bench/fanout.py                         # the full sizes
+    .venv/bin/python bench/fanout.py --scenarios fanout,idle --servers chatcore-serve,websockets
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import _harness as h
-import _inmemory
 
-#: Server-side GC thresholds of the "gc tuned" variant (Python's default: 700, 10, 10).
-GC_TUNED = "50000,20,100"
-
-MEMORY_COLUMNS = [
-    ("server", "server", "s"),
-    ("publish", "publish", "s"),
-    ("M", "M", "d"),
-    ("K", "K", "d"),
-    ("cpu_us_per_delivery", "process µs/delivery", ".2f"),
-    ("server_us_range", "server µs/delivery (low..high)", "s"),
-    ("frames_per_message", "frames/msg", ".3f"),
-    ("deliveries_per_s", "deliveries/s", ",.0f"),
-    ("gc_share", "GC share", ".0%"),
-    ("verified", "all received", "s"),
-]
-
-LOOPBACK_COLUMNS = [
-    ("server", "server", "s"),
-    ("publish", "publish", "s"),
-    ("M", "M", "d"),
-    ("K", "K", "d"),
-    ("cpu_us_per_delivery", "server µs/delivery", ".2f"),
-    ("spread", "min..max", "s"),
-    ("frames_per_message", "frames/msg", ".3f"),
-    ("deliveries_per_s", "deliveries/s", ",.0f"),
-    ("gc_share", "GC share", ".0%"),
-    ("client_cpu_s", "client CPU s", ".2f"),
-    ("load1", "load", ".1f"),
-    ("verified", "all received", "s"),
-]
-
-RATIO_COLUMNS = [
-    ("transport", "transport", "s"),
-    ("variant", "server GC", "s"),
-    ("publish", "publish", "s"),
-    ("M", "M", "d"),
-    ("chatcore", "chatcore µs/delivery", ".2f"),
-    ("raw", "raw loop µs/delivery", ".2f"),
-    ("ratio", "chatcore ÷ raw", ".3f"),
-    ("ratio_server", "same, server share (in-memory)", ".3f"),
-]
+SCENARIOS = ("fanout", "latency", "burst", "idle", "churn", "slow")
+#: Sizes: (full, quick).
+SIZES = {
+    "fanout_members": (1000, 200),
+    "fanout_messages": (200, 50),
+    "latency_receivers": (200, 100),
+    "latency_seconds": (10.0, 3.0),
+    "burst_members": (1000, 200),
+    "burst_messages": (200, 50),
+    "idle_connections": (5000, 1000),
+    "churn_rounds": (20, 5),
+    "churn_connections": (1000, 200),
+    "slow_readers": ("5,99", "5,99"),
+    "slow_small": (20_000, 2_000),
+}
+RATE = 100.0
+BIG_MESSAGES = 64
+BIG_SIZE = 64_000
 
 
-def _memory_scenarios(args: Any, sizes: list[int], messages: int) -> list[tuple[str, Any]]:
-    scenarios = []
-    for publish in args.publish:
-        for m in sizes:
-            for server in ("hub", "naive"):
-
-                def thunk(server: str = server, publish: str = publish, m: int = m) -> Any:
-                    return _inmemory.fan_out(
-                        server,
-                        publish,
-                        m,
-                        messages,
-                        timeout=args.timeout,
-                        split=m <= args.split_max,
-                    )
-
-                scenarios.append((f"memory {server:5} {publish:6} M={m}", thunk))
-    return scenarios
+# -- the scenarios ----------------------------------------------------------------
 
 
-def _loopback_scenarios(
-    args: Any, sizes: list[int], messages: int, gc_variant: str
-) -> list[tuple[str, Any]]:
-    scenarios = []
-    server_args = ("--gc-threshold", gc_variant) if gc_variant else ()
-    variant = "tuned" if gc_variant else "default"
-    for publish in args.publish:
-        for m in sizes:
-            for server in ("hub", "raw"):
+def run_fanout(
+    kind: str,
+    members: int,
+    messages: int,
+    *,
+    timeout: float,
+    on_window: tuple[Callable[[h.Server], None], Callable[[h.Server], None]] | None = None,
+) -> dict[str, Any]:
+    """One client publishes ``messages`` to ``members`` (itself included); one row.
 
-                def thunk(server: str = server, publish: str = publish, m: int = m) -> Any:
-                    row = h.run_loopback(
-                        server,
-                        publish,
-                        m,
-                        messages,
-                        timeout=args.timeout,
-                        client_processes=args.client_processes,
-                        server_args=server_args,
-                    )
-                    row["variant"] = variant
-                    return row
-
-                scenarios.append((f"loopback[{variant} gc] {server:3} {publish:6} M={m}", thunk))
-    return scenarios
-
-
-def _ratios(rows: list[dict[str, Any]], baseline: str) -> list[dict[str, Any]]:
-    by_key = {
-        (r["transport"], r.get("variant", "default"), r["publish"], r["M"], r["server"]): r
-        for r in rows
-    }
-    out = []
-    for (transport, variant, publish, m, server), row in by_key.items():
-        if server != "hub":
-            continue
-        raw = by_key.get((transport, variant, publish, m, baseline))
-        if raw is None:
-            continue
-        out.append(
-            {
-                "transport": transport,
-                "variant": variant,
-                "publish": publish,
-                "M": m,
-                "chatcore": row["cpu_us_per_delivery"],
-                "raw": raw["cpu_us_per_delivery"],
-                "ratio": row["cpu_us_per_delivery"] / raw["cpu_us_per_delivery"],
-            }
+    ``on_window``: ``(start, stop)`` called with the server around the
+    measurement window (the profiler's hook).
+    """
+    deadline = time.monotonic() + timeout
+    with h.running_server(kind, timeout=timeout) as server:
+        clients = h.start_clients(
+            server, members, timeout=timeout, messages=messages, publish=messages
         )
-        if "server_us_high" in row and "server_us_high" in raw:
-            out[-1]["ratio_server"] = row["server_us_high"] / raw["server_us_high"]
-    return out
+        try:
+            clients.wait_ready(deadline)
+            time.sleep(0.3)  # the joins' replies are out before the window opens
+            if on_window:
+                on_window[0](server)
+            window = h.Window(server)
+            clients.send("GO")
+            report = clients.expect_json("DONE", deadline)
+            window.close()
+            if on_window:
+                on_window[1](server)
+        finally:
+            clients.stop()
+    deliveries = members * messages
+    return {
+        "server": kind,
+        "M": members,
+        "K": messages,
+        "received": report["messages"],
+        "verified": report["messages"] == deliveries and report["errors"] == 0,
+        "cpu_us_per_delivery": 1e6 * window.cpu / deliveries,
+        "frames_per_message": report["message_frames"] / deliveries,
+        "deliveries_per_s": deliveries / window.wall,
+    }
+
+
+def run_latency(kind: str, receivers: int, seconds: float, *, timeout: float) -> dict[str, Any]:
+    """``receivers`` members and a publisher sending ``RATE`` msg/s for ``seconds``."""
+    messages = max(1, round(RATE * seconds))
+    deadline = time.monotonic() + seconds + timeout
+    with h.running_server(kind) as server:
+        members = receivers + 1  # the publisher receives its own messages too
+        clients = h.start_clients(
+            server,
+            members,
+            timeout=seconds + timeout,
+            messages=messages,
+            publish=messages,
+            rate=RATE,
+        )
+        try:
+            clients.wait_ready(deadline)
+            time.sleep(0.3)
+            window = h.Window(server)
+            clients.send("GO")
+            report = clients.expect_json("DONE", deadline)
+            window.close()
+        finally:
+            clients.stop()
+    latencies = sorted(report["latency_us"])
+    deliveries = members * messages
+    return {
+        "server": kind,
+        "R": receivers,
+        "messages": messages,
+        "verified": report["messages"] == deliveries and report["errors"] == 0,
+        "p50_ms": h.percentile(latencies, 0.5) / 1e3,
+        "p99_ms": h.percentile(latencies, 0.99) / 1e3,
+        "max_ms": latencies[-1] / 1e3 if latencies else float("nan"),
+        "cpu_percent": 100 * window.cpu / window.wall,
+        "frames_per_message": report["message_frames"] / deliveries,
+    }
+
+
+def run_burst(kind: str, members: int, messages: int, *, timeout: float) -> dict[str, Any]:
+    """The server publishes ``messages`` in one go to ``members``; one row."""
+    deadline = time.monotonic() + timeout
+    with h.running_server(kind) as server:
+        clients = h.start_clients(server, members, timeout=timeout, messages=messages)
+        try:
+            clients.wait_ready(deadline)
+            time.sleep(0.3)
+            window = h.Window(server)
+            server.burst(messages, timeout=timeout)
+            report = clients.expect_json("DONE", deadline)
+            window.close()
+        finally:
+            clients.stop()
+    deliveries = members * messages
+    return {
+        "server": kind,
+        "M": members,
+        "K": messages,
+        "verified": report["messages"] == deliveries and report["errors"] == 0,
+        "cpu_us_per_delivery": 1e6 * window.cpu / deliveries,
+        "frames_per_message": report["message_frames"] / deliveries,
+        "deliveries_per_s": deliveries / window.wall,
+    }
+
+
+def run_idle(kind: str, connections: int, *, timeout: float) -> dict[str, Any]:
+    """``connections`` joined, idle connections: server RSS per connection."""
+    deadline = time.monotonic() + timeout
+    with h.running_server(kind) as server:
+        time.sleep(0.5)
+        rss0 = server.rss_bytes()
+        # A connection the server closes during the handshake is counted, not fatal.
+        clients = h.start_clients(server, connections, timeout=timeout, tolerate_closes=True)
+        try:
+            report = clients.wait_ready(deadline)
+            time.sleep(1.0)  # the last joins settle
+            rss1 = server.rss_bytes()
+        finally:
+            clients.stop()
+    return {
+        "server": kind,
+        "N": connections,
+        "refused": report["refused"],
+        "verified": report["ready"] == connections,
+        "kib_per_connection": (rss1 - rss0) / 1024 / report["ready"],
+        "rss_mib": rss1 / 2**20,
+    }
+
+
+def run_churn(kind: str, rounds: int, connections: int, *, timeout: float) -> dict[str, Any]:
+    """``rounds`` of ``connections`` opened, joined and reset: RSS per round."""
+    deadline = time.monotonic() + timeout
+    peaks: list[int] = []
+    after: list[int] = []
+    with h.running_server(kind) as server:
+        clients = h.start_clients(server, 0, timeout=timeout)
+        try:
+            clients.wait_ready(deadline)
+            for _ in range(rounds):
+                window = h.Window(server)
+                clients.send(f"CHURN {connections}")
+                clients.expect("CHURNED", deadline, tick=window.sample)
+                time.sleep(0.3)  # the server notices the resets
+                window.close()
+                peaks.append(window.rss_peak)
+                after.append(server.rss_bytes())
+        finally:
+            clients.stop()
+    return {
+        "server": kind,
+        "rounds": rounds,
+        "C": connections,
+        "verified": len(after) == rounds,
+        "first_peak_mib": peaks[0] / 2**20,
+        "last_mib": after[-1] / 2**20,
+        "growth": after[-1] / peaks[0] - 1,
+        "series": " ".join(f"{rss / 2**20:.0f}" for rss in after),
+    }
+
+
+def run_slow(
+    kind: str, readers: int, small: int, *, timeout: float, linger: float = 10.0
+) -> dict[str, Any]:
+    """``readers`` healthy readers (the publisher is the first) + one never-reading client."""
+    messages = BIG_MESSAGES + small
+    deadline = time.monotonic() + timeout
+    with h.running_server(kind) as server:
+        clients = h.start_clients(
+            server,
+            readers,
+            timeout=timeout + linger,
+            messages=messages,
+            publish=small,
+            big=BIG_MESSAGES,
+            big_size=BIG_SIZE,
+            never_read=True,
+            tolerate_closes=True,
+        )
+        never_closed: list[float] = []
+        try:
+            port = clients.wait_ready(deadline)["never_read_port"]
+            time.sleep(0.3)
+            window = h.Window(server)
+
+            def tick() -> None:
+                window.sample()
+                if not never_closed and not h.tcp_established(server.port, port):
+                    never_closed.append(time.perf_counter() - window.wall0)
+
+            clients.send("GO")
+            try:
+                report = clients.expect_json("DONE", deadline, tick=tick)
+                report["finished"] = True
+            except TimeoutError:  # still delivering: report where it got to
+                report = clients.expect_json("STATUS", time.monotonic() + 30, before="STATUS")
+                report["finished"] = False
+            finish = time.monotonic() + linger  # give the never-reading client's close time
+            while not never_closed and time.monotonic() < finish:
+                tick()
+                time.sleep(0.05)
+            window.close()
+        finally:
+            clients.stop()
+    return {
+        "server": kind,
+        "readers": readers,
+        "S": small,
+        "verified": True,  # the outcome is the row itself
+        "finished": "yes" if report["finished"] else "NO (time limit)",
+        "readers_done": report["done"],
+        "stalled": "yes" if report.get("stalled") else "no",
+        "readers_closed": report["closed"],
+        "publisher_closed": "yes" if report["publisher_closed"] else "no",
+        "readers_with_gaps": report["gapped"],
+        "never_reader_closed_s": never_closed[0] if never_closed else None,
+        "peak_rss_mib": window.rss_peak / 2**20,
+        "wall_s": window.wall,
+    }
+
+
+# -- tables -------------------------------------------------------------------------
+
+
+def _ratio(rows: list[dict[str, Any]], key: str, baseline: str, column: str) -> None:
+    base = next((r for r in rows if r["server"] == baseline and key in r), None)
+    for row in rows:
+        if base is not None and key in row:
+            row[column] = row[key] / base[key]
+
+
+Column = tuple[str, str, str]  # (row key, heading, format spec)
+SERVER: list[Column] = [("server", "server", "s")]
+TAIL: list[Column] = [("load1", "load", ".1f"), ("verified", "all in order", "s")]
+CPU: list[Column] = [
+    ("cpu_us_per_delivery", "CPU µs/delivery", ".2f"),
+    ("cpu_us_per_delivery_spread", "min..max", "s"),
+]
+FANOUT_COLUMNS = [
+    *SERVER,
+    ("M", "M", "d"),
+    ("K", "K", "d"),
+    *CPU,
+    ("vs_websockets", "÷ websockets", ".2f"),
+    ("frames_per_message", "frames/msg", ".3f"),
+    ("deliveries_per_s", "deliveries/s", ",.0f"),
+    *TAIL,
+]
+LATENCY_COLUMNS = [
+    *SERVER,
+    ("R", "receivers", "d"),
+    ("p50_ms", "p50 ms", ".2f"),
+    ("p99_ms", "p99 ms", ".2f"),
+    ("p99_ms_spread", "p99 min..max", "s"),
+    ("max_ms", "max ms", ".1f"),
+    ("cpu_percent", "server CPU %", ".0f"),
+    ("vs_websockets", "CPU ÷ websockets", ".2f"),
+    ("frames_per_message", "frames/msg", ".3f"),
+    *TAIL,
+]
+BURST_COLUMNS = [
+    *SERVER,
+    ("M", "M", "d"),
+    ("K", "K", "d"),
+    *CPU,
+    ("vs_raw_hypercorn", "÷ raw-hypercorn", ".3f"),
+    ("frames_per_message", "frames/msg", ".3f"),
+    *TAIL,
+]
+IDLE_COLUMNS = [
+    *SERVER,
+    ("N", "connections", "d"),
+    ("refused", "closed before joined", "d"),
+    ("kib_per_connection", "KiB RSS/joined connection", ".1f"),
+    ("kib_per_connection_spread", "min..max", "s"),
+    ("rss_mib", "RSS MiB", ".0f"),
+    *TAIL,
+]
+CHURN_COLUMNS = [
+    *SERVER,
+    ("rounds", "rounds", "d"),
+    ("C", "connections/round", "d"),
+    ("first_peak_mib", "1st round peak MiB", ".1f"),
+    ("last_mib", "after last MiB", ".1f"),
+    ("growth", "last vs 1st peak", "+.0%"),
+    ("series", "RSS after each round, MiB", "s"),
+    *TAIL,
+]
+SLOW_COLUMNS = [
+    *SERVER,
+    ("readers", "readers", "d"),
+    ("S", "small msgs", "d"),
+    ("finished", "finished", "s"),
+    ("readers_done", "readers with every message", "d"),
+    ("stalled", "stalled", "s"),
+    ("readers_closed", "readers closed", "d"),
+    ("publisher_closed", "publisher closed", "s"),
+    ("readers_with_gaps", "readers with gaps", "d"),
+    ("never_reader_closed_s", "never-reader closed after s", ".2f"),
+    ("peak_rss_mib", "peak RSS MiB", ".0f"),
+    ("wall_s", "wall s", ".1f"),
+    *TAIL[:1],
+]
 
 
 def main() -> int:
     p = h.parser(__doc__.split("\n\n")[0])
     p.add_argument(
-        "--publish",
-        default="burst,client",
-        type=lambda s: s.split(","),
-        help="comma-separated: burst, paced, client (burst,client)",
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        type=lambda s: [x for x in s.split(",") if x],
+        help=f"comma-separated subset of: {', '.join(SCENARIOS)} (all)",
     )
     p.add_argument(
-        "--transports",
-        default="memory,loopback",
-        type=lambda s: s.split(","),
-        help="comma-separated: memory, loopback (both)",
+        "--servers",
+        default=",".join(h.SERVERS),
+        type=lambda s: [x for x in s.split(",") if x],
+        help=f"comma-separated subset of: {', '.join(h.SERVERS)} (all)",
     )
-    p.add_argument(
-        "--no-gc-variant",
-        action="store_true",
-        help=f"skip the loopback rerun with server GC thresholds {GC_TUNED}",
-    )
-    p.add_argument(
-        "--split-max",
-        type=int,
-        default=1000,
-        help="in-memory: largest M that gets the instrumented server/client split pass (1000)",
-    )
-    p.add_argument("--sizes", default="", help="receiver counts, e.g. 200,1000 (per --quick)")
-    p.add_argument("--messages", type=int, default=0, help="K (per --quick)")
+    for name, (full, quick) in SIZES.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"), type=type(full), help=f"{full} (quick: {quick})"
+        )
     args = p.parse_args()
-    h.raise_nofile_limit()
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else None
-    sizes = sizes or ([200] if args.quick else [200, 1000, 2000])
-    messages = args.messages or (50 if args.quick else 200)
-    gc_sizes = [sizes[0]] if args.quick else [s for s in sizes if s == 1000] or sizes[:1]
-
+    unknown = set(args.scenarios) - set(SCENARIOS) | set(args.servers) - set(h.SERVERS)
+    if unknown:
+        p.error(f"unknown scenarios or servers: {', '.join(sorted(unknown))}")
+    size = {
+        name: getattr(args, name) or (quick if args.quick else full)
+        for name, (full, quick) in SIZES.items()
+    }
+    limit = h.raise_nofile_limit()
+    # The client process holds every connection (the server as many): keep a margin.
+    idle = min(size["idle_connections"], limit - 200)
+    servers = args.servers
+    burst_servers = [s for s in servers if s in h.BURST_SERVERS]
+    t = args.timeout
     started = time.monotonic()
-    memory_rows: list[dict[str, Any]] = []
-    loopback_rows: list[dict[str, Any]] = []
-    if "memory" in args.transports:
-        print("in-memory transport (server and clients in this process):", file=sys.stderr)
-        memory_rows = h.run_repeated(_memory_scenarios(args, sizes, messages), args.repeat)
-        for row in memory_rows:
-            if "server_us_low" in row:
-                row["server_us_range"] = f"{row['server_us_low']:.2f}..{row['server_us_high']:.2f}"
-    if "loopback" in args.transports:
-        print("loopback trio-websocket (server process, client process):", file=sys.stderr)
-        scenarios = _loopback_scenarios(args, sizes, messages, "")
-        if not args.no_gc_variant:
-            scenarios += _loopback_scenarios(args, gc_sizes, messages, GC_TUNED)
-        loopback_rows = h.run_repeated(scenarios, args.repeat)
-        for row in loopback_rows:
-            row["spread"] = (
-                f"{row['cpu_us_per_delivery_min']:.1f}..{row['cpu_us_per_delivery_max']:.1f}"
-            )
+    print(f"load average at start: {h.load_average():.2f}; open files {limit}", file=sys.stderr)
 
-    ratios = _ratios(memory_rows, "naive") + _ratios(loopback_rows, "raw")
-    print()
-    if memory_rows:
-        print("In-memory transport: process CPU (server + in-process clients) per delivery;")
-        print("server share bounded by task-step accounting (see docs/performance.md).")
-        print(h.format_table(memory_rows, MEMORY_COLUMNS))
-        print()
-    if loopback_rows:
-        print("Loopback trio-websocket: CPU of the server process per delivery.")
-        tuned = [r for r in loopback_rows if r["variant"] == "tuned"]
-        print(
-            h.format_table(
-                [r for r in loopback_rows if r["variant"] == "default"], LOOPBACK_COLUMNS
+    def scenarios(
+        kinds: list[str], run: Callable[..., dict[str, Any]], *params: Any, **kwargs: Any
+    ) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+        label = run.__name__.removeprefix("run_")
+        return [
+            (f"{label} {kind}", lambda kind=kind: run(kind, *params, timeout=t, **kwargs))
+            for kind in kinds
+        ]
+
+    tables: list[tuple[str, list[dict[str, Any]], list[Column]]] = []
+    rows: dict[str, list[dict[str, Any]]] = {}
+    if "fanout" in args.scenarios:
+        m, k = size["fanout_members"], size["fanout_messages"]
+        print(f"fanout: one client publishes {k} to {m} members", file=sys.stderr)
+        rows["fanout"] = h.run_rounds(
+            scenarios(servers, run_fanout, m, k), args.repeat, ["cpu_us_per_delivery"]
+        )
+        _ratio(rows["fanout"], "cpu_us_per_delivery", "websockets", "vs_websockets")
+        tables.append(
+            (
+                f"1. One client publishes {k} x 100 B to {m} members: server CPU per delivery "
+                "(target: chatcore-serve ÷ websockets <= 1)",
+                rows["fanout"],
+                FANOUT_COLUMNS,
             )
         )
-        if tuned:
-            print(f"\nSame, server run with gc.set_threshold({GC_TUNED}):")
-            print(h.format_table(tuned, LOOPBACK_COLUMNS))
-        print()
-    if ratios:
-        print("chatcore (hub) ÷ raw per-message loop, CPU per delivery (< 1: chatcore cheaper):")
-        print(h.format_table(ratios, RATIO_COLUMNS))
-    print(f"\n{time.monotonic() - started:.0f} s in all; load average now {h.load_average():.1f}")
-    path = h.write_json(
-        args.json,
-        "fanout",
-        {
-            "args": {k: v for k, v in vars(args).items() if k != "json"},
-            "memory": memory_rows,
-            "loopback": loopback_rows,
-            "ratios": ratios,
-        },
+    if "latency" in args.scenarios:
+        r, seconds = size["latency_receivers"], size["latency_seconds"]
+        print(f"latency: {r} receivers, {RATE:g} msg/s for {seconds:g} s", file=sys.stderr)
+        rows["latency"] = h.run_rounds(
+            scenarios(servers, run_latency, r, seconds), args.repeat, ["p99_ms", "cpu_percent"]
+        )
+        _ratio(rows["latency"], "cpu_percent", "websockets", "vs_websockets")
+        tables.append(
+            (
+                f"2. {r} receivers, one publisher at {RATE:g} msg/s for {seconds:g} s: "
+                "publish-to-delivery latency (kernel receive timestamp), server CPU "
+                "(targets: p99 <= 10 ms, CPU ÷ websockets <= 2)",
+                rows["latency"],
+                LATENCY_COLUMNS,
+            )
+        )
+    if "burst" in args.scenarios and burst_servers:
+        m, k = size["burst_members"], size["burst_messages"]
+        print(f"burst: the server publishes {k} at once to {m} members", file=sys.stderr)
+        rows["burst"] = h.run_rounds(
+            scenarios(burst_servers, run_burst, m, k), args.repeat, ["cpu_us_per_delivery"]
+        )
+        _ratio(rows["burst"], "cpu_us_per_delivery", "raw-hypercorn", "vs_raw_hypercorn")
+        tables.append(
+            (
+                f"3. The server publishes {k} messages in one go to {m} members "
+                "(target: chatcore-serve ÷ raw-hypercorn <= 1/6)",
+                rows["burst"],
+                BURST_COLUMNS,
+            )
+        )
+    if "idle" in args.scenarios:
+        print(f"idle: {idle} joined connections", file=sys.stderr)
+        rows["idle"] = h.run_rounds(
+            scenarios(servers, run_idle, idle), args.repeat, ["kib_per_connection"]
+        )
+        tables.append(
+            (
+                f"4. {idle} joined idle connections: server RSS growth per connection "
+                "(targets: chatcore-serve <= 36 KiB, chatcore-trio-ws <= 20 KiB)",
+                rows["idle"],
+                IDLE_COLUMNS,
+            )
+        )
+    if "churn" in args.scenarios:
+        n, c = size["churn_rounds"], size["churn_connections"]
+        print(f"churn: {n} rounds of {c} connections reset", file=sys.stderr)
+        rows["churn"] = h.run_rounds(scenarios(servers, run_churn, n, c), args.repeat, ["growth"])
+        tables.append(
+            (
+                f"5. Churn: {n} rounds of {c} connections opened, joined and reset (RST) "
+                "(target: after the last round within 20 % of the first round's peak)",
+                rows["churn"],
+                CHURN_COLUMNS,
+            )
+        )
+    if "slow" in args.scenarios:
+        small = size["slow_small"]
+        print(f"slow: {BIG_MESSAGES} x {BIG_SIZE} B then {small} x 100 B", file=sys.stderr)
+        rows["slow"] = []
+        for readers in (int(x) for x in str(size["slow_readers"]).split(",")):
+            rows["slow"] += h.run_rounds(
+                scenarios(servers, run_slow, readers, small), args.repeat, ["readers_closed"]
+            )
+        tables.append(
+            (
+                f"6. Slow consumer: readers (the publisher first) + 1 never-reading client; "
+                f"{BIG_MESSAGES} x {BIG_SIZE} B then {small} x 100 B "
+                "(target: no reader or publisher closed)",
+                rows["slow"],
+                SLOW_COLUMNS,
+            )
+        )
+
+    for title, table, columns in tables:
+        for row in table:  # a failed round's row still names its server
+            row.setdefault("server", row["name"].split(" ", 1)[1])
+        print(f"\n{title}\n")
+        print(h.format_table(table, columns))
+        for row in table:
+            if "error" in row:
+                print(f"\n{row['name']} failed: {row['error']}")
+    print(
+        f"\n{time.monotonic() - started:.0f} s in all; load average now {h.load_average():.2f}; "
+        f"rounds: {args.repeat}"
     )
+    path = h.write_json(args.json, "fanout", {"args": vars(args) | {"json": None}, **rows})
     if path:
         print(f"results written to {path}")
-    verified = all(r["verified"] for r in memory_rows + loopback_rows)
+    verified = all(row.get("verified") for table in rows.values() for row in table)
     if not verified:
-        print("SOME RECEIVERS DID NOT GET EVERY MESSAGE", file=sys.stderr)
+        print("SOME SCENARIOS FAILED OR LOST MESSAGES (rows marked NO)", file=sys.stderr)
     return 0 if verified else 1
 
 

@@ -22,10 +22,10 @@ Usage::
     .venv/bin/python bench/hypercorn_fanout.py                  # both settings, both modes
     .venv/bin/python bench/hypercorn_fanout.py --receivers 200 --messages 100 --rounds 1
 
-Everything runs on 127.0.0.1; the server is stopped by PID (SIGTERM).
-
-For chatcore against a raw ASGI broadcast loop on the same hypercorn (CPU per
-delivery, latency), see ``hypercorn_vs_raw.py``.
+The server is ``chatcore serve chatcore_app:app`` started by the shared
+harness (``_harness.start_server``); everything runs on 127.0.0.1 and the
+server is stopped by PID. For chatcore side by side with other servers, see
+``fanout.py``.
 """
 
 from __future__ import annotations
@@ -35,32 +35,18 @@ import functools
 import json
 import os
 import random
-import resource
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _harness as h
 import trio
+from chatcore_app import ROOM
 from websockets.client import ClientProtocol
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
-
-from chatcore import Hub, HubConfig
-from chatcore.asgi import ASGIApp
-
-BENCH_DIR = Path(__file__).resolve().parent
-ROOM = "bench"
-CLOCK_TICK = os.sysconf("SC_CLK_TCK")
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-
-#: What the server runs (``chatcore serve hypercorn_fanout:app`` from bench/):
-#: a hub whose publish rate limit is out of the way.
-app = ASGIApp(Hub(config=HubConfig(publish_rate=1e9, publish_burst=10**9)))
 
 _WORDS = [
     *("the", "a", "to", "and", "of", "you", "it", "is", "that", "in", "for", "on", "this"),
@@ -74,17 +60,6 @@ _WORDS = [
 def chat_text(rng: random.Random) -> str:
     """A chat-like line of 8-16 words."""
     return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(8, 16)))
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
-
-
-def proc_rss_bytes(pid: int) -> int:
-    """Resident set size of a process."""
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE_SIZE
 
 
 class Client:
@@ -172,16 +147,16 @@ async def open_room(port: int, receivers: int) -> tuple[Client, list[Client]]:
 async def run_round(
     port: int, pid: int, *, receivers: int, messages: int, mode: str, interval: float
 ) -> dict[str, Any]:
-    rss_before = proc_rss_bytes(pid)
+    rss_before = h.proc_rss_bytes(pid)
     publisher, clients = await open_room(port, receivers)
     await trio.sleep(0.2)
-    rss_idle = proc_rss_bytes(pid)
+    rss_idle = h.proc_rss_bytes(pid)
     negotiated = sum(1 for c in clients if c.protocol.extensions)
     rng = random.Random(7)
     texts = [chat_text(rng) for _ in range(messages)]
     for client in clients:
         client.wire_bytes = 0
-    cpu0, t0 = proc_cpu_seconds(pid), time.perf_counter()
+    cpu0, t0 = h.proc_cpu_seconds(pid), time.perf_counter()
 
     async def receive_all(client: Client) -> None:
         offsets = []
@@ -215,8 +190,8 @@ async def run_round(
                 await publish()
             nursery.cancel_scope.cancel()
     wall = time.perf_counter() - t0
-    cpu = proc_cpu_seconds(pid) - cpu0
-    rss_after = proc_rss_bytes(pid)
+    cpu = h.proc_cpu_seconds(pid) - cpu0
+    rss_after = h.proc_rss_bytes(pid)
     delivered = receivers * messages
     wire = sum(c.wire_bytes for c in clients)
     for client in [publisher, *clients]:
@@ -234,45 +209,6 @@ async def run_round(
     }
 
 
-def start_server(compression: bool) -> tuple[subprocess.Popen[str], int]:
-    command = [
-        sys.executable,
-        "-m",
-        "chatcore",
-        "serve",
-        "hypercorn_fanout:app",
-        "--bind",
-        "127.0.0.1:0",
-        "--no-access-log",
-        "--log-level",
-        "WARNING",
-        "--compression" if compression else "--no-compression",
-    ]
-    process = subprocess.Popen(
-        command, cwd=BENCH_DIR, stdout=subprocess.PIPE, stderr=None, text=True
-    )
-    assert process.stdout is not None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "serving on ws://" in line:
-            return process, int(line.rsplit(":", 1)[1].split("/")[0])
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise RuntimeError("the server did not start")
-
-
-def stop_server(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--receivers", type=int, default=500)
@@ -282,8 +218,7 @@ def main() -> None:
     parser.add_argument("--modes", default="burst,paced")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65_536), hard))
+    h.raise_nofile_limit()
     rows: list[dict[str, Any]] = []
     print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     for mode in args.modes.split(","):
@@ -291,14 +226,14 @@ def main() -> None:
         # Alternate the settings round by round, so a neighbour's load skews both alike.
         for _ in range(args.rounds):
             for compression in (False, True):
-                process, port = start_server(compression)
-                try:
+                setting = "--compression" if compression else "--no-compression"
+                with h.running_server("chatcore-serve", serve_args=[setting]) as server:
                     results[compression].append(
                         trio.run(
                             functools.partial(
                                 run_round,
-                                port,
-                                process.pid,
+                                server.port,
+                                server.process.pid,
                                 receivers=args.receivers,
                                 messages=args.messages,
                                 mode=mode,
@@ -306,8 +241,6 @@ def main() -> None:
                             )
                         )
                     )
-                finally:
-                    stop_server(process)
         for compression in (False, True):
             runs = sorted(results[compression], key=lambda r: r["cpu_us_per_delivery"])
             row = {"compression": compression, **runs[len(runs) // 2]}

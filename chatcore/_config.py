@@ -52,7 +52,8 @@ class Config:
             (262,144), like ``outbox_burst_bytes``.
         slow_consumer_timeout: Seconds a connection may stay over its budget
             without its writer completing a frame; then it is a slow consumer
-            (4001) and its transport is aborted.
+            (4001) and its transport is aborted. Checked every 0.1 s, like
+            ``send_timeout``.
         max_queued_bytes: Bytes queued across every connection of the process
             (256 MiB) beyond which no outbox may grow past its budget: the
             connections that are behind are closed (4001), the others are

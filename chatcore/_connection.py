@@ -40,7 +40,6 @@ in ``finally``, so a connection cannot leak however it ends.
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
@@ -358,22 +357,26 @@ class Connection:
                     self._pacer.mark(self, delay)
                 else:
                     self._writer_lot.unpark()
-            if outbox.over_budget:
-                self._over_budget()
         elif result is PushResult.COALESCED:
             self._coalesced += 1
             self._messages_queued += 1
         return result
 
-    def _over_budget(self) -> None:
-        # The frame in flight must now finish within the slow-consumer time,
-        # counted from its start (a frame that started later gets the bound
-        # from the writer itself).
+    def _check_send(self, now: float) -> None:
+        """The pacer's watchdog: cancel the frame in flight if it overstayed.
+
+        A frame may take :attr:`Config.send_timeout`, or
+        :attr:`Config.slow_consumer_timeout` while the outbox is over its
+        budget, counted from the frame's start (so every frame the client
+        takes resets the clock).
+        """
         scope = self._send_scope
-        if scope is not None:
-            limit = self._frame_started + self.config.slow_consumer_timeout
-            if limit < scope.deadline:
-                scope.deadline = limit
+        if scope is None:
+            return
+        cfg = self.config
+        limit = cfg.slow_consumer_timeout if self._outbox.over_budget else cfg.send_timeout
+        if now - self._frame_started >= min(limit, cfg.send_timeout):
+            scope.cancel()
 
     def _wake_writer(self) -> None:
         """The pacer's call after a burst: wake the writer if it is parked."""
@@ -666,10 +669,12 @@ class Connection:
         transport = self._transport
         cfg = self.config
         now = trio.current_time
-        # One scope for the writer's life whose deadline is armed only while a
-        # frame is being sent (entering a scope per frame costs ~15% of a
-        # fan-out's CPU). Parked with an empty outbox, it has no deadline.
+        # One scope for the writer's life (entering a scope per frame costs
+        # ~15% of a fan-out's CPU, and so would setting its deadline twice per
+        # frame): the pacer's watchdog cancels it when the frame in flight
+        # overstays its time; a close requested meanwhile clips its deadline.
         stalled = trio.CancelScope()
+        sending = self._pacer.sending
         delay = cfg.batch_delay
         try:
             with stalled:
@@ -702,14 +707,9 @@ class Connection:
                     if self._room_lot:
                         self._room_lot.unpark_all()
                     self._unsent = frame
-                    started = self._frame_started = now()
-                    deadline = started + cfg.send_timeout
-                    if outbox.over_budget:
-                        deadline = min(deadline, started + cfg.slow_consumer_timeout)
-                    if self._close_deadline is not None:
-                        deadline = min(deadline, self._close_deadline)
-                    stalled.deadline = deadline
+                    self._frame_started = now()
                     self._send_scope = stalled
+                    sending.add(self)
                     try:
                         await transport.send(frame)
                     except PeerGone as exc:
@@ -718,7 +718,7 @@ class Connection:
                         return
                     finally:
                         self._send_scope = None
-                    stalled.deadline = math.inf
+                        sending.discard(self)
                     self._unsent = None
                     self._frames_sent += 1
                     self._bytes_sent += len(frame)
@@ -739,19 +739,21 @@ class Connection:
         if self._arbiter.state is not ConnectionState.OPEN:
             return
         cfg = self.config
-        now = beat.due
+        # The clock, not the due time: a busy process may call back late, and
+        # the client's time to answer counts from the ping it actually got.
+        now = trio.current_time()
         if not beat.ping_sent:
             self._seen = False
             self.offer(_PING)
             beat.ping_sent = True
+            beat.pinged_at = now
             self._pacer.schedule(beat, now + cfg.heartbeat_timeout)
         elif not self._seen:
             self._request_close(4000, "heartbeat timeout", CloseCause.HEARTBEAT)
         else:
             # Answered: the next ping is one interval after the last one.
             beat.ping_sent = False
-            pinged = now - cfg.heartbeat_timeout
-            self._pacer.schedule(beat, max(now, pinged + cfg.heartbeat_interval))
+            self._pacer.schedule(beat, max(now, beat.pinged_at + cfg.heartbeat_interval))
 
     # -- the actor -------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 
-Two jobs that used to cost every connection a task and a timer are done here
-once for all connections of a Trio run, by two system tasks that sleep unless
+Jobs that used to cost every connection a task or a timer are done here once
+for all connections of a Trio run, by three system tasks that sleep unless
 there is work.
 
 **Batched wake-ups.** A message offered to a connection whose writer is
@@ -30,6 +30,12 @@ by due time; one task sleeps until the earliest is due and calls the
 connection back (send a ping, or check the answer). A closed connection
 detaches its beat, so the heap never keeps a closed connection alive.
 
+**Send deadlines.** A writer puts its connection in :attr:`Pacer.sending`
+while a frame is in flight; one watchdog task looks at them every
+:data:`WATCH_INTERVAL` seconds and cancels a frame that overstayed its time
+(so no writer arms a deadline per frame, which costs more than the rest of
+its bookkeeping).
+
 **Queued bytes.** The :class:`~chatcore.sansio.QueueTotal` that every outbox
 of the run adds to, bounding the memory all outboxes hold together.
 
@@ -51,7 +57,7 @@ import trio
 
 from .sansio import QueueTotal
 
-__all__ = ["MAX_PASSES", "QUIET_PASSES", "Beat", "Pacer", "pacer"]
+__all__ = ["MAX_PASSES", "QUIET_PASSES", "WATCH_INTERVAL", "Beat", "Pacer", "pacer"]
 
 logger = logging.getLogger("chatcore.connection")
 
@@ -59,6 +65,10 @@ logger = logging.getLogger("chatcore.connection")
 #: writers are woken. Several, because Trio runs a pass's tasks in either order:
 #: the flusher may run before the tasks of its own pass and see none waiting.
 QUIET_PASSES = 4
+#: How often the watchdog checks the frames in flight (the precision of
+#: :attr:`Config.send_timeout <chatcore.Config.send_timeout>` and
+#: :attr:`Config.slow_consumer_timeout <chatcore.Config.slow_consumer_timeout>`).
+WATCH_INTERVAL = 0.1
 #: Most scheduler passes a mark waits (bounds the delay under virtual clocks
 #: and under a load that never pauses).
 MAX_PASSES = 256
@@ -71,6 +81,8 @@ class Paced(Protocol):
 
     def _beat(self, beat: Beat) -> None: ...
 
+    def _check_send(self, now: float) -> None: ...
+
 
 class Beat:
     """One connection's place in the heartbeat heap.
@@ -80,14 +92,16 @@ class Beat:
             skipped when due).
         due: When the pacer calls the owner back.
         ping_sent: True between a ping and the check of its answer.
+        pinged_at: When the last ping was sent.
     """
 
-    __slots__ = ("due", "owner", "ping_sent")
+    __slots__ = ("due", "owner", "ping_sent", "pinged_at")
 
     def __init__(self, owner: Paced, due: float) -> None:
         self.owner: Paced | None = owner
         self.due = due
         self.ping_sent = False
+        self.pinged_at = due
 
     def __repr__(self) -> str:
         state = "detached" if self.owner is None else ("check" if self.ping_sent else "ping")
@@ -115,6 +129,10 @@ class Pacer:
         self._tiebreak = itertools.count()
         # The heartbeat task parks here; woken when an earlier beat arrives.
         self._beat_lot = trio.lowlevel.ParkingLot()
+        #: Connections with a frame in flight (the watchdog's to check).
+        self.sending: _Sending = _Sending(self)
+        # The watchdog parks here while nothing is in flight.
+        self._watch_lot = trio.lowlevel.ParkingLot()
 
     def __repr__(self) -> str:
         return f"<Pacer marked={len(self._marked)} beats={len(self._beats)} {self.queued!r}>"
@@ -193,6 +211,37 @@ class Pacer:
             except Exception:  # pragma: no cover  (a chatcore bug; never kill the run)
                 logger.exception("heartbeat of %r failed", owner)
 
+    # -- send deadlines ----------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        sending = self.sending
+        while True:
+            if not sending:
+                await self._watch_lot.park()
+                continue
+            await trio.sleep(WATCH_INTERVAL)
+            now = trio.current_time()
+            for connection in list(sending):
+                try:
+                    connection._check_send(now)
+                except Exception:  # pragma: no cover  (a chatcore bug; never kill the run)
+                    logger.exception("checking the send of %r failed", connection)
+
+
+class _Sending(set[Paced]):
+    """The connections with a frame in flight; the first one wakes the watchdog."""
+
+    __slots__ = ("_pacer",)
+
+    def __init__(self, pacer: Pacer) -> None:
+        super().__init__()
+        self._pacer = pacer
+
+    def add(self, connection: Paced) -> None:
+        if not self:
+            self._pacer._watch_lot.unpark()
+        super().add(connection)
+
 
 _RUN_PACER: trio.lowlevel.RunVar[Pacer] = trio.lowlevel.RunVar("chatcore.pacer")
 
@@ -206,4 +255,5 @@ def pacer() -> Pacer:
         _RUN_PACER.set(found)
         trio.lowlevel.spawn_system_task(found._flusher, name="chatcore.pacer.flusher")
         trio.lowlevel.spawn_system_task(found._heartbeats, name="chatcore.pacer.heartbeats")
+        trio.lowlevel.spawn_system_task(found._watchdog, name="chatcore.pacer.watchdog")
         return found
