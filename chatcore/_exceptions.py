@@ -99,11 +99,21 @@ class HandshakeRejected(ChatcoreError):
     Attributes:
         status: The HTTP status of the refusal (401, 403, 429, 503, ...).
         body: The refusal's body.
+        headers: The refusal's headers, names lowercase (e.g. ``retry-after``).
     """
 
-    def __init__(self, status: int, body: bytes = b"") -> None:
+    def __init__(
+        self, status: int, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(f"handshake rejected with HTTP {status}: {body[:200]!r}")
         #: HTTP status of the refusal.
         self.status = status
         #: Body of the refusal.
         self.body = body
+        #: Headers of the refusal, names lowercase.
+        self.headers = headers
+
+    def header(self, name: str) -> str | None:
+        """The value of header ``name`` (any case), or ``None`` if it was not sent."""
+        wanted = name.lower()
+        return next((value for key, value in self.headers if key == wanted), None)

@@ -31,6 +31,7 @@ from chatcore import (
     Hub,
     HubConfig,
     Identity,
+    LocalProtocolError,
     PeerGone,
     Reject,
     Session,
@@ -261,7 +262,6 @@ async def test_receive_is_never_called_after_disconnect() -> None:
 
 
 async def test_accept_checks_what_hypercorn_would_choke_on() -> None:
-    from chatcore import LocalProtocolError
 
     async def send(message: dict[str, Any]) -> None:  # pragma: no cover
         raise AssertionError(f"nothing may be sent: {message}")
@@ -467,18 +467,38 @@ async def test_app_waits_for_the_disconnect_after_a_close(
         await driver.app_returned.wait()
 
 
+async def close_at_once(connection: Connection) -> None:
+    await connection.close(1000)
+
+
 async def test_app_lingers_boundedly(nursery: trio.Nursery, autojump_clock: Any) -> None:
-    """A client that never answers the close: close_timeout, then the linger, then return."""
+    """A client that never answers the close: close_timeout, then the whole linger, then return.
 
-    async def close_at_once(connection: Connection) -> None:
-        await connection.close(1000)
-
+    The actor gives up on the close handshake after ``close_timeout`` and
+    aborts; the app then still waits ``LINGER`` for ``websocket.disconnect``
+    (returning earlier can crash hypercorn), and not a moment longer.
+    """
     driver = await drive(ASGIApp(Scripted(close_at_once), config=TEST_CONFIG), nursery)
     await driver.wait_accepted()
     start = trio.current_time()
-    await driver.app_returned.wait()
+    with trio.fail_after(TEST_CONFIG.close_timeout + LINGER + 1):
+        await driver.app_returned.wait()
     waited = trio.current_time() - start
-    assert TEST_CONFIG.close_timeout <= waited <= TEST_CONFIG.close_timeout + LINGER + 0.1
+    assert waited == pytest.approx(TEST_CONFIG.close_timeout + LINGER)
+
+
+async def test_linger_ends_at_the_disconnect(nursery: trio.Nursery, autojump_clock: Any) -> None:
+    """A client that answers the close late (during the linger): the app returns right then."""
+    driver = await drive(ASGIApp(Scripted(close_at_once), config=TEST_CONFIG), nursery)
+    await driver.wait_accepted()
+    start = trio.current_time()
+    late = TEST_CONFIG.close_timeout + LINGER / 2
+    await trio.sleep(late)
+    assert not driver.app_returned.is_set()  # still lingering, past close_timeout
+    with trio.fail_after(1):
+        assert await driver.receive_frame() == CloseFrame(1000, "")  # answered, like a browser
+        await driver.app_returned.wait()
+    assert trio.current_time() - start == pytest.approx(late)
 
 
 async def test_cancellation_closes_with_1012_without_waiting(autojump_clock: Any) -> None:
@@ -656,12 +676,12 @@ async def test_unknown_scope_type() -> None:
 
 
 def test_constructor_validation() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="not a chatcore ConnectionHandler"):
         ASGIApp(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="path"):
         ASGIApp(Scripted(), path="ws")
     app = ASGIApp(Scripted())
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"expected a chatcore\.Config"):
         app.config = {}  # type: ignore[assignment]
     app.config = TEST_CONFIG
     assert app.config is TEST_CONFIG
@@ -791,11 +811,20 @@ async def test_receive_errors_mean_the_peer_is_gone() -> None:
 
 
 async def test_refusals_when_the_client_is_gone_are_moot() -> None:
+    """A refusal the server cannot deliver neither raises nor hangs, and releases the stream."""
     io = Recorder(fail_send=ConnectionResetError())
     stream = ASGIStream(ws_scope(), io.receive, io.send)
-    await stream.reject(403, body=b"no")  # never raises because the client left
-    await stream.wait_released()
-    await stream.abort()
+    with trio.fail_after(1):
+        await stream.reject(403, body=b"no")  # the client left: no exception
+        await stream.wait_released()  # the app may return now
+        await stream.abort()
+    assert io.sent == []  # nothing was delivered
+    assert stream.answered
+    assert not stream.accepted
+    assert "broken" in repr(stream)
+    with pytest.raises(LocalProtocolError, match="answered"):
+        await stream.accept()  # the handshake was answered once, by the refusal
+    await _raises_peer_gone(stream.send("x"))
 
 
 async def test_close_before_accept_is_an_http_refusal() -> None:

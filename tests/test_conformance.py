@@ -12,15 +12,20 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from chatcore import MessageStream, PeerGone
+from chatcore import MessageStream, PeerGone, RemoteProtocolError
 from chatcore.testing import (
     MESSAGE_STREAM_CHECKS,
     TransportPeer,
+    WebSocketPeer,
     check_message_stream,
     open_memory_pair,
     open_trio_websocket_pair,
 )
+from chatcore.transports import CloseFrame, TextFrame
 
 
 @pytest.mark.parametrize("check", MESSAGE_STREAM_CHECKS)
@@ -94,3 +99,44 @@ async def test_the_suite_catches_a_broken_transport(
 ) -> None:
     with pytest.raises(AssertionError, match=r"peer_close: PeerGone\(None, ''\)"):
         await check_message_stream(_broken_pair, checks=["peer_close"])
+
+
+# -- the peers themselves ------------------------------------------------------------------
+
+
+async def test_websocket_peer_reads_a_close_frame_that_came_with_other_frames() -> None:
+    """Text frames and the close frame in one read: three frames, not a "corrupt stream".
+
+    wsproto moves to REMOTE_CLOSING while it parses the whole read; the peer
+    must still tell a real close frame from a parse failure.
+    """
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WebSocketPeer(client_stream)
+    server = WSConnection(ConnectionType.SERVER)
+    with trio.fail_after(1):
+        await peer.send_request("/ws")
+        server.receive_data(await server_stream.receive_some())
+        assert isinstance(next(server.events()), Request)
+        await server_stream.send_all(
+            server.send(AcceptConnection())
+            + server.send(TextMessage(data="a"))
+            + server.send(TextMessage(data="b"))
+            + server.send(CloseConnection(code=1012, reason="bye"))
+        )
+        assert await peer.wait_accepted() is None
+        frames = [await peer.receive_frame() for _ in range(3)]
+    assert frames == [TextFrame("a"), TextFrame("b"), CloseFrame(1012, "bye")]
+
+
+async def test_websocket_peer_reports_corrupt_framing() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    peer = WebSocketPeer(client_stream)
+    server = WSConnection(ConnectionType.SERVER)
+    with trio.fail_after(1):
+        await peer.send_request("/ws")
+        server.receive_data(await server_stream.receive_some())
+        next(server.events())
+        await server_stream.send_all(server.send(AcceptConnection()) + b"\x81\x02\xff\xfe")
+        assert await peer.wait_accepted() is None
+        with pytest.raises(RemoteProtocolError, match="invalid framing from the server"):
+            await peer.receive_frame()

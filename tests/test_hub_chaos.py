@@ -22,6 +22,7 @@ Afterwards:
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 from typing import Any
@@ -41,6 +42,7 @@ from chatcore import (
     Reject,
 )
 from chatcore._pacer import pacer
+from chatcore.sansio import TokenBucket
 from chatcore.testing import TestClient, open_test_client, open_test_clients
 
 ROOMS = ["a", "b", "c", "d"]
@@ -56,41 +58,65 @@ async def by_query(request: HandshakeRequest) -> Identity | str | Reject:
     return Reject(401, b"who are you?") if user is None else user
 
 
-def check_consistent(messages: list[dict[str, Any]], sent: dict[str, tuple[str, str]]) -> int:
+#: Every request the test sends: ref -> (what, room, virtual time it was sent).
+Sent = dict[str, tuple[str, str, float]]
+
+
+def check_consistent(
+    messages: list[dict[str, Any]],
+    sent: Sent,
+    config: HubConfig,
+    opened: float,
+    codes: collections.Counter[str],
+) -> int:
     """Replay one connection's arrivals against the requests it sent.
 
-    Replies and messages share one FIFO per connection, so the client sees
-    them in the order the server produced them. Returns how many room
-    messages were checked.
+    Replies and messages share one FIFO per connection, and the server handles
+    one connection's requests in order, so the client sees them in the order
+    the server produced them, and can work out the answer each request must
+    get: the same token bucket as the server's (every publish frame spends a
+    token, at the virtual time it was sent, which is when the server read it
+    on the mock clock), and the rooms its join replies granted. Returns how
+    many room messages were checked.
     """
     joined: dict[str, tuple[str, int]] = {}  # room -> (epoch, last offset seen)
     server_room: tuple[str, int] = ("", 0)  # (epoch, last offset) in the server's room
+    bucket = TokenBucket(config.publish_rate, config.publish_burst, opened)
     checked = 0
     for message in messages:
         kind = message["type"]
         if kind == "reply":
-            what, room = sent.pop(message["ref"])
-            ok = message["status"] == "ok"
-            if what == "join" and ok:
-                data = message["data"]
-                if room in joined:  # already a member: the position it has seen
-                    assert (data["epoch"], data["offset"]) == joined[room], message
-                joined[room] = (data["epoch"], data["offset"])
+            what, room, sent_at = sent.pop(message["ref"])
+            code = message["error"]["code"] if message["status"] == "error" else None
+            codes[code or "ok"] += 1
+            if what == "join":
+                if room in joined or len(joined) < config.max_rooms_per_connection - 1:
+                    assert code is None, message
+                elif len(joined) == config.max_rooms_per_connection - 1:
+                    # The server may have put this connection in its own room,
+                    # which takes the last slot.
+                    assert code in (None, "too_many_rooms"), message
+                else:
+                    assert code == "too_many_rooms", message
+                if code is None:
+                    data = message["data"]
+                    if room in joined:  # already a member: the position it has seen
+                        assert (data["epoch"], data["offset"]) == joined[room], message
+                    joined[room] = (data["epoch"], data["offset"])
             elif what == "leave":
-                assert ok, message
+                assert code is None, message
                 joined.pop(room, None)
-            elif what == "publish" and ok:
-                assert room in joined, message
-                # Its own message comes next in this room, at this offset.
-                assert message["data"]["offset"] > joined[room][1], message
-            elif not ok:
-                assert message["error"]["code"] in {
-                    "not_joined",
-                    "rate_limited",
-                    "too_many_rooms",
-                    "bad_message",
-                    "unknown_type",
-                }, message
+            elif what == "publish":
+                if not bucket.take(sent_at):
+                    assert code == "rate_limited", message
+                elif room not in joined:
+                    assert code == "not_joined", message
+                else:
+                    assert code is None, message
+                    # Its own message comes next in this room, at this offset.
+                    assert message["data"]["offset"] > joined[room][1], message
+            else:
+                assert (what, code) == ("bad", "unknown_type"), message
         elif kind == "message":
             room = message["room"]
             checked += 1
@@ -114,18 +140,23 @@ def check_consistent(messages: list[dict[str, Any]], sent: dict[str, tuple[str, 
 
 async def run_chaos(seed: int) -> dict[str, int]:
     rng = random.Random(seed)
+    config = HubConfig(
+        max_connections_per_user=PER_USER,
+        max_connections=len(USERS) * PER_USER,
+        max_rooms_per_connection=3,
+        # Low enough that bursts of publishes run out of tokens.
+        publish_rate=5.0,
+        publish_burst=8,
+    )
     hub = Hub(
         authenticate=by_query,
-        config=HubConfig(
-            max_connections_per_user=PER_USER,
-            max_connections=len(USERS) * PER_USER,
-            max_rooms_per_connection=3,
-        ),
+        config=config,
         # The backplane keeps the order of 2 rooms: rooms that empty out are
         # soon forgotten and come back with new epochs.
         backplane=LocalBackplane(HistoryConfig(rooms=2)),
     )
     counts = {"connections": 0, "refused": 0, "messages": 0, "kicks": 0}
+    codes: collections.Counter[str] = collections.Counter()
     ref_numbers = iter(range(10**9))
 
     async def attempt(client: TestClient, message: dict[str, Any]) -> bool:
@@ -140,7 +171,8 @@ async def run_chaos(seed: int) -> dict[str, int]:
         return True
 
     async def one_connection(client: TestClient) -> None:
-        sent: dict[str, tuple[str, str]] = {}
+        opened = trio.current_time()
+        sent: Sent = {}
         for _ in range(rng.randint(1, 40)):
             await trio.sleep(rng.choice([0, 0, 0.001, 0.05, 0.3]))
             action = rng.random()
@@ -148,16 +180,16 @@ async def run_chaos(seed: int) -> dict[str, int]:
             ref = f"r{next(ref_numbers)}"
             if action < 0.25:
                 message = {"type": "join", "room": room, "ref": ref}
-                sent[ref] = ("join", room)
+                sent[ref] = ("join", room, trio.current_time())
             elif action < 0.4:
                 message = {"type": "leave", "room": room, "ref": ref}
-                sent[ref] = ("leave", room)
+                sent[ref] = ("leave", room, trio.current_time())
             elif action < 0.97:
                 message = {"type": "publish", "room": room, "data": ref, "ref": ref}
-                sent[ref] = ("publish", room)
+                sent[ref] = ("publish", room, trio.current_time())
             else:
                 message = {"type": "no-such-type", "ref": ref}
-                sent[ref] = ("bad", room)
+                sent[ref] = ("bad", room, trio.current_time())
             if not await attempt(client, message):
                 break
         ending = rng.choice(["close", "close", "vanish", "kick", "app", "stay"])
@@ -175,7 +207,7 @@ async def run_chaos(seed: int) -> dict[str, int]:
         await trio.testing.wait_all_tasks_blocked()
         # Replies to requests the server never read (it closed first) are missing;
         # everything that did arrive must be consistent.
-        counts["messages"] += check_consistent(client.messages, sent)
+        counts["messages"] += check_consistent(client.messages, sent, config, opened, codes)
 
     async def actor() -> None:
         for _ in range(rng.randint(1, 5)):
@@ -230,6 +262,8 @@ async def run_chaos(seed: int) -> dict[str, int]:
     # hub's whole capacity, is admitted again.
     async with open_test_clients(hub, [user for user in USERS for _ in range(PER_USER)]):
         assert hub.statistics().connections == len(USERS) * PER_USER
+    # Every answer a request can get was given (and checked) at least once.
+    assert set(codes) == {"ok", "not_joined", "rate_limited", "too_many_rooms", "unknown_type"}
     return counts
 
 

@@ -1,24 +1,24 @@
 """chatcore on a real hypercorn (trio worker, in process) on 127.0.0.1.
 
-Each hypercorn trap from DESIGN.md has a test here that fails without
+Each hypercorn trap listed in docs/design.md has a test here that fails without
 chatcore's handling of it; the in-memory versions are in ``test_asgi.py``, the
 ``chatcore serve`` process (signals, drain, workers) in ``test_serve_cli.py``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import socket
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import Any
 
 import attrs
 import pytest
 import trio
-from _wsclient import Refused, connect
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from test_asgi import HYPERCORN_DEVIATIONS
@@ -29,15 +29,24 @@ from chatcore import (
     Config,
     Connection,
     ConnectionHandler,
+    HandshakeRejected,
     HandshakeRequest,
     Hub,
     Identity,
+    PeerGone,
     Reject,
     Session,
 )
 from chatcore._serve import create_listening_socket, set_compression
 from chatcore.asgi import ASGIApp
-from chatcore.testing import MESSAGE_STREAM_CHECKS, WebSocketPeer, check_message_stream
+from chatcore.testing import (
+    MESSAGE_STREAM_CHECKS,
+    TestClient,
+    WebSocketPeer,
+    check_message_stream,
+    open_test_client,
+)
+from chatcore.transports import CloseFrame
 from chatcore.transports._asgi_stream import ASGIStream
 
 pytestmark = pytest.mark.slow
@@ -118,12 +127,45 @@ class Recording(ConnectionHandler):
         self.records.append(connection.close_record)
 
 
+@asynccontextmanager
+async def connected(port: int, target: str = "/ws", **options: Any) -> AsyncIterator[WebSocketPeer]:
+    """A frame-level client (the handlers here do not speak chatcore's protocol)."""
+    peer = await WebSocketPeer.connect("127.0.0.1", port, target, **options)
+    try:
+        await peer.wait_accepted()
+        yield peer
+    finally:
+        await peer.aclose()
+
+
+async def receive_message(peer: WebSocketPeer) -> dict[str, Any]:
+    """The next frame, holding one JSON message."""
+    message: dict[str, Any] = json.loads(await peer.receive_text())
+    return message
+
+
+async def close_code(peer: WebSocketPeer) -> int:
+    """Read to the end: the server's close code, 1006 if TCP ended without one."""
+    while True:
+        try:
+            frame = await peer.receive_frame()
+        except PeerGone:
+            return 1006
+        if isinstance(frame, CloseFrame):
+            return frame.code
+
+
 async def echo_works(port: int) -> None:
-    client = await connect(port)
-    assert (await client.receive())["type"] == "ready"
-    await client.send_text("ping?")
-    assert await client.receive() == {"type": "echo", "text": "ping?"}
-    assert await client.close() == 1000
+    async with connected(port) as peer:
+        assert await receive_message(peer) == {"type": "ready"}
+        await peer.send_text("ping?")
+        assert await receive_message(peer) == {"type": "echo", "text": "ping?"}
+        await peer.close(1000)
+        assert await close_code(peer) == 1000
+
+
+def url_of(port: int, target: str = "/ws") -> str:
+    return f"ws://127.0.0.1:{port}{target}"
 
 
 # -- the conformance suite through hypercorn ------------------------------------------------
@@ -181,10 +223,24 @@ async def test_conformance_on_hypercorn(check: str) -> None:
 async def test_close_race_never_crashes_the_server(caplog: pytest.LogCaptureFixture) -> None:
     """The client's close frame arrives while the server closes or the handler crashes.
 
-    hypercorn's reader answers the close while the application finishes; an
-    application that returns then (or lets an exception out) makes both
-    tasks use the socket and ``trio.BusyResourceError`` kills the server. 300
-    connections race that way; the server must survive all of them.
+    What this proves: 300 connections whose client close frame (or a TCP
+    reset, every fourth) crosses a server close, a kick or a handler crash,
+    on a real hypercorn 0.18 trio worker, leave the server serving, make
+    hypercorn log no error (a handler crash never reaches it as an
+    application error), and each get exactly one recorded close.
+
+    What it does not prove: that the final linger and the guard that keeps
+    exceptions inside the application are needed *on hypercorn 0.18*. That
+    version catches ``trio.BusyResourceError`` in its own close path
+    (``TCPServer._close``), and a raw ASGI application that returns right
+    after its ``websocket.close``, returns without one, or raises, survived
+    1,800 such races when measured (30 servers x 20 connections x 3 modes;
+    the raising one only gets "Error in ASGI Framework" logged). With both
+    protections removed this test still passes. They stay for the servers
+    and versions that do crash, and are proven in memory against hypercorn's
+    ASGI behaviour: ``test_asgi.py::test_app_lingers_boundedly`` and
+    ``test_linger_ends_at_the_disconnect`` (the linger happens and is
+    bounded), ``test_an_internal_error_is_contained`` (nothing escapes).
     """
     caplog.set_level(logging.CRITICAL, logger="chatcore.connection")  # the expected crashes
     handler = Recording()
@@ -194,21 +250,23 @@ async def test_close_race_never_crashes_the_server(caplog: pytest.LogCaptureFixt
     rng = random.Random(1)
 
     async def race(index: int, port: int) -> None:
-        client = await connect(port)
-        assert (await client.receive())["type"] == "ready"
-        # The trigger, then the client's own close frame (every fourth time a
-        # TCP reset instead) after a delay that sweeps the server's window
-        # between deciding to close and its application returning.
-        await client.send_text(modes[index % 3])
-        await trio.sleep(rng.uniform(0, 0.01))
-        if index % 4 == 3:
-            await client.abort()
-            outcomes["reset"] = outcomes.get("reset", 0) + 1
-            return
-        client.protocol.send_close(1000)
-        await client._flush()
-        code = await client.wait_closed()
-        outcomes[str(code)] = outcomes.get(str(code), 0) + 1
+        async with connected(port) as client:
+            assert await receive_message(client) == {"type": "ready"}
+            # The trigger, then the client's own close frame (every fourth time a
+            # TCP reset instead) after a delay that sweeps the server's window
+            # between deciding to close and its application returning.
+            await client.send_text(modes[index % 3])
+            await trio.sleep(rng.uniform(0, 0.01))
+            if index % 4 == 3:
+                await client.vanish()
+                outcomes["reset"] = outcomes.get("reset", 0) + 1
+                return
+            try:
+                await client.close(1000)
+            except PeerGone:
+                pass  # the server's close and TCP's end came first
+            code = await close_code(client)
+            outcomes[str(code)] = outcomes.get(str(code), 0) + 1
 
     async with running_hypercorn(ASGIApp(handler, config=FAST)) as run:
         with trio.fail_after(60):
@@ -241,23 +299,23 @@ async def test_refusal_reaches_the_client_with_status_and_body(status: int) -> N
     hub = Hub(authenticate=authenticate, connection_config=FAST)
     async with running_hypercorn(ASGIApp(hub)) as run:
         with trio.fail_after(10):
-            with pytest.raises(Refused) as refused:
-                await connect(run.port, f"/ws?status={status}")
+            with pytest.raises(HandshakeRejected) as refused:
+                async with open_test_client(url_of(run.port, f"/ws?status={status}")):
+                    pass  # pragma: no cover
             assert refused.value.status == status
             assert refused.value.body == f"refused with {status}".encode()
-            if status == 503:
-                assert refused.value.headers["retry-after"] == "3"
-            client = await connect(run.port)  # and the server goes on
-            assert (await client.receive())["type"] == "hello"
-            await client.close()
+            assert refused.value.header("retry-after") == ("3" if status == 503 else None)
+            async with open_test_client(url_of(run.port)) as client:  # and the server goes on
+                assert client.user == "ann"
         assert run.alive
     assert hub.statistics().rejected_handshakes == 1
 
 
 async def test_wrong_path_is_404() -> None:
     async with running_hypercorn(ASGIApp(Recording(), config=FAST)) as run:
-        with trio.fail_after(10), pytest.raises(Refused) as refused:
-            await connect(run.port, "/nope")
+        with trio.fail_after(10), pytest.raises(HandshakeRejected) as refused:
+            async with connected(run.port, "/nope"):
+                pass  # pragma: no cover
         assert (refused.value.status, refused.value.body) == (404, b"not found")
 
 
@@ -269,10 +327,10 @@ async def test_silent_client_is_closed_by_the_heartbeat() -> None:
     config = attrs.evolve(FAST, heartbeat_interval=0.2, heartbeat_timeout=0.3)
     async with running_hypercorn(ASGIApp(handler, config=config)) as run:
         with trio.fail_after(10):
-            client = await connect(run.port)  # never sends anything, not even a pong
-            start = trio.current_time()
-            assert await client.wait_closed() == 4000
-            assert 0.4 <= trio.current_time() - start < 3
+            async with connected(run.port) as client:  # never sends, not even a pong
+                start = trio.current_time()
+                assert await close_code(client) == 4000
+                assert 0.4 <= trio.current_time() - start < 3
     assert [(r.code, r.cause) for r in handler.records] == [(4000, CloseCause.HEARTBEAT)]
 
 
@@ -285,11 +343,10 @@ async def test_handler_crash_is_1011_and_the_server_keeps_serving(
     handler = Recording()
     async with running_hypercorn(ASGIApp(handler, config=FAST)) as run:
         with trio.fail_after(10):
-            client = await connect(run.port)
-            await client.expect("ready")
-            await client.send_text("crash")
-            assert await client.wait_closed() == 1011
-            assert client.protocol.close_rcvd is not None
+            async with connected(run.port) as client:
+                assert await receive_message(client) == {"type": "ready"}
+                await client.send_text("crash")
+                assert await close_code(client) == 1011  # a close frame, not a dropped link
             await echo_works(run.port)
         assert run.alive
     assert [r.code for r in handler.records] == [1011, 1006]  # echo_works: see Rule 5
@@ -308,9 +365,9 @@ async def test_client_close_code_is_recorded_as_1006() -> None:
     hub = Hub(on_disconnect=on_disconnect, connection_config=FAST)
     async with running_hypercorn(ASGIApp(hub)) as run:
         with trio.fail_after(10):
-            client = await connect(run.port)
-            await client.expect("hello")
-            assert await client.close(4100, "going away") == 4100  # its close was answered
+            async with open_test_client(url_of(run.port)) as client:
+                closed = await client.close(4100, "going away")
+                assert closed.code == 4100  # its close was answered
             while hub.statistics().connections:
                 await trio.sleep(0.01)
     # hypercorn told the application 1006; chatcore knows no better and says so.
@@ -324,12 +381,11 @@ async def test_invalid_utf8_is_a_dropped_connection_and_the_server_stays_healthy
     handler = Recording()
     async with running_hypercorn(ASGIApp(handler, config=FAST)) as run:
         with trio.fail_after(10):
-            client = await connect(run.port)
-            await client.expect("ready")
-            # A masked text frame whose payload is not UTF-8.
-            await client.send_raw(b"\x81\x82" + b"\x00\x00\x00\x00" + b"\xff\xfe")
-            assert await client.wait_closed() == 1006  # no close frame, not 1007
-            assert client.protocol.close_rcvd is None
+            async with connected(run.port) as client:
+                assert await receive_message(client) == {"type": "ready"}
+                await client.send_raw_frame(0x1, b"\xff\xfe")  # a text frame, not UTF-8
+                assert await close_code(client) == 1006  # no close frame, not 1007
+                assert client.received_close is None
             await echo_works(run.port)
         assert run.alive
     # The bad frame and echo_works' own close: hypercorn reports both as 1006.
@@ -345,12 +401,13 @@ async def test_plain_hypercorn_shutdown_gives_1012_not_1006() -> None:
         ASGIApp(handler, config=attrs.evolve(FAST, close_timeout=5.0)), graceful_timeout=0.3
     ) as run:
         with trio.fail_after(10):
-            clients = [await connect(run.port) for _ in range(5)]
-            for client in clients:
-                await client.expect("ready")
-            start = trio.current_time()
-            run.stop.set()  # what hypercorn's CLI does on SIGTERM
-            codes = [await client.wait_closed() for client in clients]
+            async with AsyncExitStack() as stack:
+                clients = [await stack.enter_async_context(connected(run.port)) for _ in range(5)]
+                for client in clients:
+                    assert await receive_message(client) == {"type": "ready"}
+                start = trio.current_time()
+                run.stop.set()  # what hypercorn's CLI does on SIGTERM
+                codes = [await close_code(client) for client in clients]
             await run.done.wait()
         # graceful_timeout, then the shielded 1012 close: no waiting for
         # answers that hypercorn's cancelled reader could never read.
@@ -369,15 +426,14 @@ async def test_compression_setting(enabled: bool) -> None:
     try:
         async with running_hypercorn(ASGIApp(Recording(), config=FAST)) as run:
             with trio.fail_after(10):
-                client = await connect(run.port, compression=True)
-                assert client.response is not None
-                offered = client.response.headers.get("Sec-WebSocket-Extensions")
-                assert (offered is not None) is enabled
-                assert client.compressed is enabled
-                await client.expect("ready")
-                await client.send_text("x" * 1000)
-                assert (await client.receive())["text"] == "x" * 1000
-                await client.close()
+                async with connected(run.port, compression=True) as client:
+                    expected = ("permessage-deflate",) if enabled else ()
+                    assert client.extensions == expected
+                    assert await receive_message(client) == {"type": "ready"}
+                    await client.send_text("x" * 1000)
+                    assert (await receive_message(client))["text"] == "x" * 1000
+                    await client.close()
+                    assert await close_code(client) == 1000
     finally:
         set_compression(True)  # hypercorn's own behaviour for the other tests
 
@@ -425,18 +481,18 @@ async def test_serve_drains_then_stops() -> None:
     with trio.fail_after(15):
         async with running_chatcore(app, drain_grace=3.0) as server:
             assert server.urls[0].startswith("ws://127.0.0.1:")
-            port = int(server.urls[0].rsplit(":", 1)[1].split("/")[0])
-            clients = [await connect(port) for _ in range(3)]
-            for client in clients:
-                await client.expect("hello")
-            server.request_shutdown()
-            assert server.shutting_down
-            with pytest.raises(Refused) as refused:
-                await connect(port)  # the drain spreads the closes over a second
-            assert refused.value.status == 503
-            for client in clients:
-                assert (await client.expect("shutdown"))["reconnect_after_ms"] > 0
-                assert await client.wait_closed() == 1012
+            url = server.urls[0]
+            async with AsyncExitStack() as stack:
+                clients = [await stack.enter_async_context(open_test_client(url)) for _ in range(3)]
+                server.request_shutdown()
+                assert server.shutting_down
+                with pytest.raises(HandshakeRejected) as refused:
+                    async with open_test_client(url):  # the drain spreads the closes over a second
+                        pass  # pragma: no cover
+                assert refused.value.status == 503
+                for client in clients:
+                    assert (await client.expect("shutdown"))["reconnect_after_ms"] > 0
+                    await client.expect_closed(1012)
         # serve() returned by itself after the drain
     assert app.draining
     assert hub.statistics().connections == 0
@@ -446,14 +502,16 @@ async def test_serve_second_request_stops_at_once() -> None:
     app = ASGIApp(Hub(connection_config=attrs.evolve(FAST, close_timeout=5.0)))
     with trio.fail_after(15):
         start = trio.current_time()
-        async with running_chatcore(app, drain_grace=60.0) as server:
-            port = int(server.urls[0].rsplit(":", 1)[1].split("/")[0])
-            clients = [await connect(port) for _ in range(5)]
-            for client in clients:
-                await client.expect("hello")
+        async with (
+            running_chatcore(app, drain_grace=60.0) as server,
+            AsyncExitStack() as stack,
+        ):
+            clients: list[TestClient] = [
+                await stack.enter_async_context(open_test_client(server.urls[0])) for _ in range(5)
+            ]
             server.request_shutdown()
             await trio.sleep(0.2)
             server.request_shutdown()
-            codes = [await client.wait_closed() for client in clients]
+            for client in clients:
+                await client.expect_closed(1012)
         assert trio.current_time() - start < 5
-    assert set(codes) == {1012}

@@ -4,7 +4,7 @@ End to end, with nothing in process: the example chat app
 (``examples.chat.app:app``, dev mode: ``?user=NAME``) served by ``chatcore
 serve --redis-url``, against the ``redis_server`` fixture (a real
 ``redis-server`` on a free 127.0.0.1 port, see ``tests/redis_server.py``), and
-real WebSocket clients (``tests/_wsclient.py``) on both sides.
+real WebSocket clients (:class:`chatcore.testing.TestClient` over TCP) on both sides.
 
 * Two separate processes on two ports: members on both join one room,
   publishers on both publish concurrently, every member sees one order;
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -41,7 +42,8 @@ import attrs
 import coredis
 import pytest
 import trio
-from _wsclient import WSClient, connect
+
+from chatcore.testing import TestClient, open_test_client
 
 if TYPE_CHECKING:
     from tests.redis_server import RedisServer
@@ -203,9 +205,10 @@ def _socket_inodes(pid: int) -> set[int]:
     return inodes
 
 
-def worker_of(client: WSClient, server: ServeProcess) -> int:
+def worker_of(client: TestClient, server: ServeProcess) -> int:
     """The worker PID holding the server side of ``client``'s TCP connection."""
-    client_port = client.stream.socket.getsockname()[1]
+    assert client.address is not None
+    client_port = client.address[1]
     inode = None
     for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
@@ -228,10 +231,10 @@ def worker_of(client: WSClient, server: ServeProcess) -> int:
 class Member:
     """A client that joined ``ROOM``; a reader task records everything it receives."""
 
-    def __init__(self, client: WSClient, user: str) -> None:
+    def __init__(self, client: TestClient, user: str) -> None:
         self.client = client
         self.user = user
-        #: Every message received, in order (pings answered, not recorded).
+        #: Every message received, in order (the client answers pings itself).
         self.received: list[dict[str, Any]] = []
         self.replies: dict[str, dict[str, Any]] = {}
         self.close_code: int | None = None
@@ -239,20 +242,22 @@ class Member:
         self._changed = trio.Event()
 
     async def read(self) -> None:
-        try:
-            while True:
-                message = await self.client.receive()
-                if message.get("type") == "ping":
-                    await self.client.send_json({"type": "pong"})
-                    continue
-                self.received.append(message)
-                if message.get("type") == "reply":
-                    self.replies[message["ref"]] = message
-                self._changed.set()
-                self._changed = trio.Event()
-        except EOFError:
-            self.close_code = self.client.close_code
+        """Take every message off the client, until the server closes the connection."""
+        while self.client.closed is None or self.client.messages:
+            try:
+                message = await self.client.receive(timeout=math.inf)
+            except AssertionError:
+                if self.client.closed is None:
+                    raise  # not the end of the connection: a real failure
+                break
+            self.received.append(message)
+            if message.get("type") == "reply":
+                self.replies[message["ref"]] = message
             self._changed.set()
+            self._changed = trio.Event()
+        assert self.client.closed is not None
+        self.close_code = self.client.closed.code
+        self._changed.set()
 
     async def wait_for(self, check: Callable[[], bool], within: float = 10.0) -> None:
         with trio.fail_after(within):
@@ -273,7 +278,7 @@ class Member:
     async def send(self, message: dict[str, Any]) -> str:
         """Send a request with a fresh ``ref``; returns the ref."""
         ref = f"{self.user}-{next(self._refs)}"
-        await self.client.send_json({**message, "ref": ref})
+        await self.client.send({**message, "ref": ref})
         return ref
 
     async def answer(self, ref: str, within: float = 10.0) -> dict[str, Any]:
@@ -285,11 +290,8 @@ class Member:
 
     async def leave(self) -> int:
         """Close with 1000 (the reader task sees the end); the server's close code."""
-        self.client.protocol.send_close(1000, "bye")
-        await self.client._flush()
-        code = await self.wait_closed()
-        await self.client.stream.aclose()
-        return code
+        await self.client.close(1000, "bye")
+        return await self.wait_closed()
 
     def room_messages(self) -> list[tuple[int, str, str, Any]]:
         """(offset, epoch, from, data) of every room message received."""
@@ -304,15 +306,19 @@ class Member:
         return offset, epoch
 
 
+async def connected(port: int, user: str, *, task_status: trio.TaskStatus[Member]) -> None:
+    """A member connected as ``user`` (``hello`` received), read until the server closes."""
+    async with open_test_client(f"ws://127.0.0.1:{port}/ws", user=user, timeout=10) as client:
+        joined = Member(client, user)
+        task_status.started(joined)
+        await joined.read()
+
+
 async def member(
     nursery: trio.Nursery, port: int, user: str, since: dict[str, Any] | None = None
 ) -> tuple[Member, dict[str, Any]]:
     """Connect as ``user``, start the reader, join ``ROOM``; the member and the join reply."""
-    client = await connect(port, f"/ws?user={user}")
-    hello = await client.expect("hello")
-    assert hello["type"] == "hello"
-    joined = Member(client, user)
-    nursery.start_soon(joined.read)
+    joined: Member = await nursery.start(connected, port, user)
     request: dict[str, Any] = {"type": "join", "room": ROOM}
     if since is not None:
         request["since"] = since
@@ -583,10 +589,7 @@ async def test_a_server_starts_degraded_while_redis_is_down(
             trio.open_nursery() as nursery,
         ):
             await wait_health(server, "degraded")
-            client = await connect(server.port, "/ws?user=early")
-            await client.expect("hello")
-            early = Member(client, "early")
-            nursery.start_soon(early.read)
+            early: Member = await nursery.start(connected, server.port, "early")
             refused = await early.request({"type": "join", "room": ROOM})
             assert refused["status"] == "error", refused
             assert refused["error"]["code"] == "unavailable", refused

@@ -173,10 +173,10 @@ def test_reject_accepts_client_and_server_error_statuses(status: int) -> None:
 
 @pytest.mark.parametrize("status", [0, 101, 200, 302, 399, 600, 1008])
 def test_reject_refuses_non_error_statuses(status: int) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="'status' must be"):
         Reject(status)
 
 
 def test_reject_needs_a_status() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="status"):
         Reject()  # type: ignore[call-arg]

@@ -58,7 +58,8 @@ def test_a_new_history_starts_before_offset_1() -> None:
     ],
 )
 def test_bad_bounds_are_refused(kwargs: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
+    bad = list(kwargs)[-1]  # the bound under test (max_messages comes first)
+    with pytest.raises(ValueError, match=f"^{bad} must be"):
         History(**kwargs)  # type: ignore[arg-type]
 
 

@@ -59,12 +59,12 @@ def test_encode_is_one_ascii_line(data: str) -> None:
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_encode_rejects_non_finite_numbers(bad: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="not JSON compliant"):
         encode({"type": "x", "n": bad})
 
 
 def test_encode_rejects_unserialisable_values() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="not JSON serializable"):
         encode({"type": "x", "when": object()})
 
 

@@ -31,7 +31,7 @@ def test_meta_data_is_a_read_only_copy() -> None:
     meta = PresenceMeta("c1", "A", 1.0, data)
     data["device"] = "desk"
     assert meta.data == {"device": "phone"}
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="does not support item assignment"):
         meta.data["device"] = "desk"  # type: ignore[index]
     assert PresenceMeta("c1", "A", 1.0).data == {}
 
@@ -41,15 +41,15 @@ def test_diff_is_read_only() -> None:
     diff = PresenceDiff("r", joins={"u": [meta]})
     assert diff.joins == {"u": (meta,)}
     assert diff.leaves == {}
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="does not support item assignment"):
         diff.joins["v"] = ()  # type: ignore[index]
 
 
 @pytest.mark.parametrize(("node", "grace"), [("", 1.0), ("A", -1.0), ("A", float("inf"))])
 def test_bad_arguments_are_refused(node: str, grace: float) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^node" if node == "" else "^grace"):
         PresenceTable(node, grace)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^grace must be >= 0 and finite, got nan"):
         PresenceTable("A", float("nan"))
 
 

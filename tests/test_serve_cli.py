@@ -11,18 +11,20 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import attrs
 import pytest
 import trio
-from _wsclient import Refused, WSClient, connect
+
+from chatcore import HandshakeRejected, PeerGone
+from chatcore.testing import TestClient, WebSocketPeer, open_test_client
+from chatcore.transports import CloseFrame
 
 pytestmark = pytest.mark.slow
 
@@ -100,12 +102,56 @@ async def http_get(port: int, path: str) -> tuple[int, dict[str, Any]]:
     return int(head.split()[1]), json.loads(body)
 
 
-async def joined(port: int, room: str = "r", **kwargs: Any) -> WSClient:
-    client = await connect(port, **kwargs)
-    await client.expect("hello")
-    await client.send_json({"type": "join", "room": room, "ref": "j"})
-    await client.expect("reply")
+def url_of(port: int) -> str:
+    return f"ws://127.0.0.1:{port}/ws"
+
+
+async def joined(stack: AsyncExitStack, port: int, room: str = "r") -> TestClient:
+    """A protocol client that joined ``room``; ``stack`` closes it."""
+    client = await stack.enter_async_context(open_test_client(url_of(port), timeout=10))
+    await client.join(room)
     return client
+
+
+async def hold_joined(
+    port: int, release: trio.Event, *, task_status: trio.TaskStatus[TestClient]
+) -> None:
+    """:func:`joined` in a task of its own (for opening many at once); open until ``release``."""
+    async with open_test_client(url_of(port), timeout=10) as client:
+        await client.join("r")
+        task_status.started(client)
+        await release.wait()
+
+
+def peer_of(port: int, **options: Any) -> AbstractAsyncContextManager[WebSocketPeer]:
+    """A frame-level client, for handlers that do not speak chatcore's protocol."""
+
+    @asynccontextmanager
+    async def connected() -> AsyncIterator[WebSocketPeer]:
+        peer = await WebSocketPeer.connect("127.0.0.1", port, "/ws", **options)
+        try:
+            await peer.wait_accepted()
+            yield peer
+        finally:
+            await peer.aclose()
+
+    return connected()
+
+
+async def receive_message(peer: WebSocketPeer) -> dict[str, Any]:
+    message: dict[str, Any] = json.loads(await peer.receive_text())
+    return message
+
+
+async def close_code(peer: WebSocketPeer) -> int:
+    """Read to the end: the server's close code, 1006 if TCP ended without one."""
+    while True:
+        try:
+            frame = await peer.receive_frame()
+        except PeerGone:
+            return 1006
+        if isinstance(frame, CloseFrame):
+            return frame.code
 
 
 # -- the README's command: a plain ConnectionHandler ------------------------------------------
@@ -117,19 +163,21 @@ async def test_readme_echo_example(tmp_path: Path) -> None:
     ) as server:
         assert server.path == "/ws"
         with trio.fail_after(10):
-            a = await connect(server.port, compression=True)
-            b = await connect(server.port)
-            assert not a.compressed  # chatcore serve's default: no permessage-deflate
-            assert (await a.receive())["type"] == "hello"
-            assert (await b.receive())["type"] == "hello"
-            await a.send_text("hi all")
-            for client in (a, b):
-                message = await client.receive()
+            async with (
+                peer_of(server.port, compression=True) as a,
+                open_test_client(url_of(server.port)) as b,
+            ):
+                assert a.extensions == ()  # chatcore serve's default: no permessage-deflate
+                assert (await receive_message(a))["type"] == "hello"
+                await a.send_text("hi all")
+                message = await receive_message(a)
                 assert (message["type"], message["data"]) == ("message", "hi all")
-            status, health = await http_get(server.port, "/healthz")
-            assert (status, health["connections"], health["status"]) == (200, 2, "ok")
-            server.signal(signal.SIGTERM)
-            assert [await a.wait_closed(), await b.wait_closed()] == [1012, 1012]
+                await b.expect("message", data="hi all")
+                status, health = await http_get(server.port, "/healthz")
+                assert (status, health["connections"], health["status"]) == (200, 2, "ok")
+                server.signal(signal.SIGTERM)
+                assert await close_code(a) == 1012
+                await b.expect_closed(1012)
         assert await server.wait(10) == 0
     assert "TCP_USER_TIMEOUT 10 s" in server.output()
 
@@ -147,97 +195,76 @@ async def test_sigterm_drains_500_clients(tmp_path: Path) -> None:
         "--no-access-log",
         tmp_path=tmp_path,
     ) as server:
-        clients: list[WSClient] = []
         with trio.fail_after(60):
-            for _ in range(0, receivers, 100):
+            async with trio.open_nursery() as holders:
+                release = trio.Event()
+                clients: list[TestClient] = []
+                for _ in range(0, receivers, 100):
+                    async with trio.open_nursery() as nursery:
+
+                        async def open_one() -> None:
+                            clients.append(await holders.start(hold_joined, server.port, release))
+
+                        for _ in range(100):
+                            nursery.start_soon(open_one)
+                publisher = await holders.start(hold_joined, server.port, release)
+                status, health = await http_get(server.port, "/healthz")
+                assert (status, health["connections"], health["rooms"]) == (200, receivers + 1, 1)
+                refused: list[HandshakeRejected] = []
+
+                async def publish() -> None:
+                    offset = 0
+                    while publisher.closed is None:
+                        offset += 1
+                        try:
+                            await publisher.send(
+                                {"type": "publish", "room": "r", "data": {"n": offset}}
+                            )
+                        except AssertionError:  # closed meanwhile: the drain reached it
+                            return
+                        await trio.sleep(0.1)
+
+                async def knock_during_drain() -> None:
+                    # New connections while draining: 503 with Retry-After.
+                    while server.process.returncode is None and not refused:
+                        try:
+                            async with open_test_client(url_of(server.port)):
+                                pass
+                        except HandshakeRejected as exc:
+                            refused.append(exc)
+                            return
+                        except (OSError, AssertionError):
+                            return  # the server is gone, or closed the newcomer
+                        await trio.sleep(0.02)
+
+                start_time = 0.0
                 async with trio.open_nursery() as nursery:
-
-                    async def open_one() -> None:
-                        clients.append(await joined(server.port))
-
-                    for _ in range(100):
-                        nursery.start_soon(open_one)
-            publisher = await joined(server.port)
-            status, health = await http_get(server.port, "/healthz")
-            assert (status, health["connections"], health["rooms"]) == (200, receivers + 1, 1)
-
-            outcomes: list[tuple[int, bool, int, bool]] = []
-            refused: list[Refused] = []
-            receiving = 0
-            all_receiving = trio.Event()
-
-            async def receive_until_closed(client: WSClient) -> None:
-                nonlocal receiving
-                shutdown_seen = False
-                messages = 0
-                after_shutdown = False
-                while True:
-                    try:
-                        message = await client.receive()
-                    except EOFError:
-                        break
-                    if message["type"] == "shutdown":
-                        assert message["reconnect_after_ms"] > 0
-                        shutdown_seen = True
-                    elif message["type"] == "message":
-                        messages += 1
-                        after_shutdown |= shutdown_seen
-                        if messages == 1:
-                            receiving += 1
-                            if receiving == receivers + 1:
-                                all_receiving.set()
-                code = client.close_code
-                assert code is not None
-                outcomes.append((code, shutdown_seen, messages, after_shutdown))
-
-            async def publish() -> None:
-                offset = 0
-                while True:
-                    offset += 1
-                    try:
-                        await publisher.send_json(
-                            {"type": "publish", "room": "r", "data": {"n": offset}}
-                        )
-                    except (trio.BrokenResourceError, trio.ClosedResourceError):
-                        return
-                    await trio.sleep(0.1)
-
-            async def knock_during_drain() -> None:
-                # New connections while draining: 503 with Retry-After.
-                while server.process.returncode is None and not refused:
-                    try:
-                        client = await connect(server.port)
-                    except Refused as exc:
-                        refused.append(exc)
-                        return
-                    except OSError:
-                        return
-                    await client.abort()
-                    await trio.sleep(0.02)
-
-            start_time = 0.0
-            async with trio.open_nursery() as nursery:
-                for client in clients:
-                    nursery.start_soon(receive_until_closed, client)
-                nursery.start_soon(receive_until_closed, publisher)
-                nursery.start_soon(publish)
-                await all_receiving.wait()  # the broadcast reached everyone
-                await trio.sleep(0.3)  # and goes on
-                start_time = trio.current_time()
-                server.signal(signal.SIGTERM)
-                nursery.start_soon(knock_during_drain)
-                code = await server.wait(grace + 5)
-            took = trio.current_time() - start_time
+                    nursery.start_soon(publish)
+                    for client in [*clients, publisher]:  # the broadcast reaches everyone
+                        while (await client.receive())["type"] != "message":
+                            pass  # the publisher's replies
+                    await trio.sleep(0.3)  # and goes on
+                    start_time = trio.current_time()
+                    server.signal(signal.SIGTERM)
+                    nursery.start_soon(knock_during_drain)
+                    code = await server.wait(grace + 5)
+                took = trio.current_time() - start_time
+                outcomes: list[tuple[int, bool]] = []
+                for client in [*clients, publisher]:
+                    closed = await client.expect_closed(timeout=5)
+                    shutdown = [m for m in client.messages if m["type"] == "shutdown"]
+                    assert all(m["reconnect_after_ms"] > 0 for m in shutdown)
+                    outcomes.append((closed.code, bool(shutdown)))
+                release.set()
         assert code == 0
         assert took < grace + 3, took
         codes = sorted({o[0] for o in outcomes})
         assert codes == [1012], f"close codes seen: {codes}"
         assert len(outcomes) == receivers + 1
         assert all(o[1] for o in outcomes), "a client got no shutdown message"
-        assert all(o[2] >= 1 for o in outcomes)
         assert refused
         assert refused[0].status == 503
-        assert "retry-after" in refused[0].headers
+        assert refused[0].header("retry-after") is not None
         assert "shutting down" in server.output()
 
 
@@ -256,42 +283,37 @@ async def test_slow_consumer_is_cut_off_and_sigterm_still_completes(tmp_path: Pa
         "--no-access-log",
         tmp_path=tmp_path,
     ) as server:
-        with trio.fail_after(60):
-            readers = [await joined(server.port) for _ in range(3)]
+        async with AsyncExitStack() as stack:
+            stack.enter_context(trio.fail_after(60))
+            readers = [await joined(stack, server.port) for _ in range(3)]
             # A tiny receive buffer and no reading: the server's writes stall.
-            slow = await joined_with_small_buffer(server.port)
-            publisher = await joined(server.port)
+            slow = await stack.enter_async_context(peer_of(server.port, receive_buffer=4096))
+            assert (await receive_message(slow))["type"] == "hello"
+            await slow.send_text(json.dumps({"type": "join", "room": "r", "ref": "j"}))
+            assert (await receive_message(slow))["type"] == "reply"
+            publisher = await joined(stack, server.port)
             _, health = await http_get(server.port, "/healthz")
             assert health["connections"] == 5
             received: list[list[int]] = []
             all_received = trio.Event()
             reader_codes: list[int] = []
 
-            async def read_all(client: WSClient) -> None:
+            async def read_all(client: TestClient) -> None:
                 offsets = []
                 while len(offsets) < count:
-                    message = await client.receive()
-                    if message["type"] == "message":
-                        offsets.append(message["offset"])
+                    message = await client.expect("message", timeout=30)
+                    offsets.append(message["offset"])
                 received.append(offsets)
                 if len(received) == len(readers):
                     all_received.set()
-                reader_codes.append(await client.wait_closed())  # keeps reading
-
-            async def drain_publisher() -> None:
-                while True:
-                    try:
-                        await publisher.receive()
-                    except EOFError:
-                        return
+                reader_codes.append((await client.expect_closed(timeout=30)).code)
 
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain_publisher)
                 for client in readers:
                     nursery.start_soon(read_all, client)
                 for _ in range(count):
-                    await publisher.send_json({"type": "publish", "room": "r", "data": text})
+                    await publisher.send({"type": "publish", "room": "r", "data": text})
                 await all_received.wait()
                 broadcast_took = trio.current_time() - start
                 # Every reader got everything, in order, however stuck the slow one is.
@@ -306,25 +328,12 @@ async def test_slow_consumer_is_cut_off_and_sigterm_still_completes(tmp_path: Pa
                 assert await server.wait(10) == 0
                 shutdown_took = trio.current_time() - sigterm
             # The slow client's connection is gone (it reads what was buffered, then EOF/reset).
-            code = await slow.wait_closed()
+            code = await close_code(slow)
             assert code in (1006, 4001)
         assert reader_codes == [1012] * 3
         assert broadcast_took < 20, broadcast_took
         assert cut_off < broadcast_took + 5
         assert shutdown_took < 2 + 3, shutdown_took
-
-
-async def joined_with_small_buffer(port: int) -> WSClient:
-    """A client whose socket has a 4 KiB receive buffer (joins, then stops reading)."""
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-    client = await connect(port, stream=stream)
-    await client.expect("hello")
-    await client.send_json({"type": "join", "room": "r", "ref": "j"})
-    await client.expect("reply")
-    return client
 
 
 # -- handler crash, second signal, workers, bad targets -----------------------------------------
@@ -333,14 +342,14 @@ async def joined_with_small_buffer(port: int) -> WSClient:
 async def test_handler_crash_is_1011_and_serving_goes_on(tmp_path: Path) -> None:
     async with chatcore_serve("tests._serve_targets:crashy", tmp_path=tmp_path) as server:
         with trio.fail_after(10):
-            client = await connect(server.port)
-            await client.send_text("crash")
-            assert await client.wait_closed() == 1011
-            other = await connect(server.port)
-            await other.send_text("still there?")
-            assert await other.receive() == {"type": "echo", "text": "still there?"}
-            server.signal()
-            assert await other.wait_closed() == 1012
+            async with peer_of(server.port) as client:
+                await client.send_text("crash")
+                assert await close_code(client) == 1011
+            async with peer_of(server.port) as other:
+                await other.send_text("still there?")
+                assert await receive_message(other) == {"type": "echo", "text": "still there?"}
+                server.signal()
+                assert await close_code(other) == 1012
             assert await server.wait(10) == 0
 
 
@@ -348,16 +357,17 @@ async def test_second_signal_skips_the_wait(tmp_path: Path) -> None:
     async with chatcore_serve(
         "tests._serve_targets:hub", "--drain-grace", "30", tmp_path=tmp_path
     ) as server:
-        with trio.fail_after(15):
-            clients = [await joined(server.port) for _ in range(20)]
+        async with AsyncExitStack() as stack:
+            stack.enter_context(trio.fail_after(15))
+            clients = [await joined(stack, server.port) for _ in range(20)]
             start = trio.current_time()
             server.signal(signal.SIGTERM)
             await trio.sleep(0.3)
             server.signal(signal.SIGINT)
             assert await server.wait(5) == 0
             assert trio.current_time() - start < 3
-            codes = [await client.wait_closed() for client in clients]
-        assert set(codes) == {1012}
+            for client in clients:
+                await client.expect_closed(1012)
         assert "second shutdown request" in server.output()
 
 
@@ -367,11 +377,12 @@ async def test_workers_share_the_port(tmp_path: Path) -> None:
     ) as server:
         with trio.fail_after(20):
             children = await wait_for_children(server.pid, 2)
-            clients = [await joined(server.port) for _ in range(10)]
-            server.signal(signal.SIGTERM)
-            codes = [await client.wait_closed() for client in clients]
+            async with AsyncExitStack() as stack:
+                clients = [await joined(stack, server.port) for _ in range(10)]
+                server.signal(signal.SIGTERM)
+                for client in clients:
+                    await client.expect_closed(1012)
             assert await server.wait(10) == 0
-        assert set(codes) == {1012}
         assert "its own island" in server.output()
         assert all(_gone(pid) for pid in children)
 
@@ -452,11 +463,12 @@ async def test_plain_hypercorn_cli_sigterm_gives_1012(tmp_path: Path) -> None:
                 assert process.poll() is None, log.read_text()
                 await trio.sleep(0.05)
             port = int(found.group(1))
-            clients = [await joined(port) for _ in range(5)]
-            os.kill(process.pid, signal.SIGTERM)
-            codes = [await client.wait_closed() for client in clients]
+            async with AsyncExitStack() as stack:
+                clients = [await joined(stack, port) for _ in range(5)]
+                os.kill(process.pid, signal.SIGTERM)
+                for client in clients:
+                    await client.expect_closed(1012)  # not 1006
             await process.wait()
-        assert codes == [1012] * 5  # not 1006
     finally:
         if process.returncode is None:
             os.kill(process.pid, signal.SIGKILL)

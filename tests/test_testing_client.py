@@ -1,7 +1,7 @@
 """chatcore.testing.TestClient against a small protocol-speaking handler.
 
 The Hub is tested with this client elsewhere; here the server side is
-``EchoRooms``, a few lines of PROTOCOL.md, so these tests pin down the client
+``EchoRooms``, a few lines of docs/protocol.md, so these tests pin down the client
 itself: hello, ref matching, JSON Lines, pings, failure messages, timeouts on
 virtual time, close handling and clean-up.
 """
@@ -27,6 +27,7 @@ from chatcore import (
     HandshakeRequest,
     OutboundMessage,
     Reject,
+    serve_websocket,
 )
 from chatcore.testing import RequestFailed, TestClient, open_test_client, open_test_clients
 from chatcore.transports import CloseFrame, TextFrame
@@ -597,3 +598,73 @@ async def test_handshake_timeout(autojump_clock: trio.testing.MockClock) -> None
         async with open_test_client(app, user="alice", timeout=2):
             pytest.fail("the block must not run")  # pragma: no cover
     assert len(app.closed) == 1
+
+
+# -- the same client over a real WebSocket ------------------------------------------------
+
+
+@pytest.fixture
+async def url(app: EchoRooms, nursery: trio.Nursery) -> str:
+    """``EchoRooms`` served by trio-websocket on 127.0.0.1; its ``ws://`` URL."""
+    listeners = await nursery.start(serve_websocket, app, "127.0.0.1", 0)
+    return f"ws://127.0.0.1:{listeners[0].socket.getsockname()[1]}/ws"
+
+
+async def test_over_a_socket_the_client_speaks_the_same_protocol(app: EchoRooms, url: str) -> None:
+    with trio.fail_after(10):
+        async with open_test_clients(url, ["alice", "bob"], query="x=1") as (alice, bob):
+            assert alice.user == "alice"
+            assert alice.connection_id not in ("", bob.connection_id)
+            await alice.join("r")
+            await bob.join("r")
+            offset = await alice.publish("r", {"text": "hi"})
+            await alice.expect("message", room="r", offset=offset, from_="alice")
+            await bob.expect("message", room="r", offset=offset, data={"text": "hi"})
+            with pytest.raises(RequestFailed) as info:
+                await bob.publish("elsewhere", 1)
+            assert info.value.code == "not_joined"
+            with pytest.raises(AttributeError, match="over a socket"):
+                _ = alice.connection
+        assert app.requests[0].query == {"x": "1", "user": "alice"}
+        assert app.requests[0].path == "/ws"
+        with trio.fail_after(5):
+            while len(app.closed) < 2:  # the server notices the closes by itself
+                await trio.sleep(0.01)
+        assert sorted(c.close_record.code for c in app.closed if c.close_record) == [1000, 1000]
+
+
+async def test_over_a_socket_refusals_closes_and_resets(app: EchoRooms, url: str) -> None:
+    with trio.fail_after(10):
+        with pytest.raises(HandshakeRejected) as info:
+            async with open_test_client(url, user="banned"):
+                pass  # pragma: no cover
+        assert (info.value.status, info.value.body) == (403, b"go away")
+        async with open_test_client(url, user="alice") as alice:
+            await alice.send({"type": "close", "code": 4002, "reason": "kicked"})
+            assert await alice.expect_closed(4002) == CloseFrame(4002, "kicked")
+        async with open_test_client(url, user="bob") as bob:
+            bob.vanish()  # a TCP reset: the server records a lost connection
+            assert (await bob.expect_closed(1006)).code == 1006
+        while len(app.closed) < 3:  # the server notices the reset by itself
+            await trio.sleep(0.01)
+        codes = [c.close_record.code for c in app.closed if c.close_record]
+        assert codes == [1008, 4002, 1006]  # the refusal is recorded as 1008
+
+
+async def test_a_url_is_checked() -> None:
+    with pytest.raises(ValueError, match="expected a ws://host:port/path URL"):
+        async with open_test_client("http://127.0.0.1:1/ws"):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="in memory only"):
+        async with open_test_client("ws://127.0.0.1:1/ws", config=Config()):
+            pass  # pragma: no cover
+
+
+async def test_address_is_what_the_server_sees(app: EchoRooms, url: str) -> None:
+    async with open_test_client(app, user="a", client=("192.0.2.7", 4711)) as in_memory:
+        assert in_memory.address == ("192.0.2.7", 4711)
+    with trio.fail_after(10):
+        async with open_test_client(url, user="b") as over_tcp:
+            host, port = over_tcp.address or ("", 0)
+            assert host == "127.0.0.1"
+            assert app.requests[-1].client == (host, port)

@@ -1,6 +1,6 @@
 """The trio-websocket transport and ``serve_websocket`` on real loopback sockets.
 
-Each trio-websocket trap from DESIGN.md (plus the ones measured while
+Each trio-websocket trap listed in docs/design.md (plus the ones measured while
 building the adapter) has a test here that fails without its handling; the
 docstrings say which. Clients are :class:`chatcore.testing.WebSocketPeer`
 (wsproto; it can misbehave on purpose) and, for interoperability, the

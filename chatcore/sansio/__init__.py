@@ -2,6 +2,12 @@
 
 Nothing in this package imports trio or any I/O library, and nothing reads a
 clock (callers pass ``now``). ``tests/test_sansio_purity.py`` enforces it.
+
+``__all__`` is the public surface, pinned by ``tests/test_exports.py``: the
+connection state machine and close arbiter, the handshake decision, the
+outbox, the wire protocol (parsing client frames, encoding server messages),
+room history, presence, rate limits, and the exception base classes. The
+runtime (hub, connection, backplanes) imports only these names.
 """
 
 from ._admission import Admission as Admission
@@ -57,8 +63,14 @@ from ._protocol import Leave as Leave
 from ._protocol import Ping as Ping
 from ._protocol import Pong as Pong
 from ._protocol import Publish as Publish
+from ._protocol import Ref as Ref
 from ._protocol import Since as Since
+from ._protocol import encode_error as encode_error
+from ._protocol import encode_hello as encode_hello
 from ._protocol import encode_message as encode_message
+from ._protocol import encode_reply as encode_reply
+from ._protocol import encode_reply_error as encode_reply_error
+from ._protocol import encode_shutdown as encode_shutdown
 from ._protocol import parse_client_message as parse_client_message
 from ._protocol import valid_room as valid_room
 from ._protocol import valid_user as valid_user
@@ -78,3 +90,78 @@ from ._state import CloseRecord as CloseRecord
 from ._state import ConnectionState as ConnectionState
 from ._state import Input as Input
 from ._state import handshake_status_for as handshake_status_for
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "TRANSITIONS",
+    "Accept",
+    "Admission",
+    "AppMessage",
+    "BadFrame",
+    "ChatcoreError",
+    "ClientMessage",
+    "CloseArbiter",
+    "CloseCause",
+    "CloseOutcome",
+    "CloseRecord",
+    "ConnectionState",
+    "Delivery",
+    "Emit",
+    "EpochChanged",
+    "ErrorCode",
+    "HandshakeRequest",
+    "Held",
+    "History",
+    "HistoryEntry",
+    "Input",
+    "Join",
+    "Leave",
+    "LocalProtocolError",
+    "NodeEvent",
+    "OutboundMessage",
+    "Outbox",
+    "Ping",
+    "Pong",
+    "Position",
+    "PresenceDiff",
+    "PresenceEvent",
+    "PresenceJoin",
+    "PresenceLeave",
+    "PresenceMeta",
+    "PresenceStateBegin",
+    "PresenceStateEnd",
+    "PresenceSync",
+    "PresenceTable",
+    "ProtocolError",
+    "Publish",
+    "PushResult",
+    "QueueTotal",
+    "Recovery",
+    "RecoveryStatus",
+    "Ref",
+    "Reject",
+    "RemoteProtocolError",
+    "RoomBroadcast",
+    "RoomSequencer",
+    "Sequenced",
+    "SequencerStep",
+    "Since",
+    "Stale",
+    "TokenBucket",
+    "UserDisconnect",
+    "UserMessage",
+    "WindowCounter",
+    "decode_node_event",
+    "encode",
+    "encode_error",
+    "encode_hello",
+    "encode_message",
+    "encode_node_event",
+    "encode_reply",
+    "encode_reply_error",
+    "encode_shutdown",
+    "handshake_status_for",
+    "parse_client_message",
+    "valid_room",
+    "valid_user",
+]

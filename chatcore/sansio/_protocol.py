@@ -172,6 +172,7 @@ class BadFrame:
     ref: Ref | None = None
 
 
+#: Any message a client may send, as :func:`parse_client_message` returns it.
 ClientMessage = Join | Leave | Publish | Ping | Pong | AppMessage
 
 

@@ -1,4 +1,4 @@
-"""An in-memory protocol client for testing chatcore applications.
+"""The protocol test client for chatcore applications: in memory or over a socket.
 
 :func:`open_test_client` connects a :class:`TestClient` to a
 :class:`~chatcore.ConnectionHandler` (a :class:`~chatcore.Hub` or your own)
@@ -7,6 +7,10 @@ actor runs: your ``authenticate`` hook sees the handshake, your ``handle``
 serves the connection, ``connection_closed`` runs when it ends. No sockets, no
 threads, and every wait is on Trio's clock, so tests on the ``autojump_clock``
 fixture never really sleep.
+
+Given a ``ws://`` URL instead, the same client talks to a running server over
+a real WebSocket (a :class:`~chatcore.testing.WebSocketPeer` underneath), for
+end-to-end tests through hypercorn or ``chatcore serve``.
 
 Theory of operation
 -------------------
@@ -39,17 +43,18 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import trio
 import trio.testing
 
 from .._config import Config
 from .._connection import Connection, ConnectionHandler, serve_connection
-from .._exceptions import ChatcoreError, PeerGone
+from .._exceptions import ChatcoreError, PeerGone, RemoteProtocolError
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest
-from ..transports._memory import BinaryFrame, CloseFrame, Frame, MemoryClient, memory_stream_pair
+from ..transports._memory import BinaryFrame, CloseFrame, memory_stream_pair
+from ._peers import Frame, MemoryPeer, WebSocketPeer
 
 __all__ = ["RequestFailed", "TestClient", "open_test_client", "open_test_clients"]
 
@@ -125,7 +130,7 @@ def _build_query(query: Mapping[str, str] | str, user: str | None) -> str:
 
 
 class TestClient:
-    """One protocol client connected in memory to the application under test.
+    """One protocol client connected to the application under test.
 
     Made by :func:`open_test_client`, which also closes it; not constructed
     directly. Messages are plain ``dict`` objects as decoded from JSON.
@@ -141,7 +146,7 @@ class TestClient:
     Attributes:
         hello: The server's ``hello`` message.
         connection: The server side of this connection (the actor's
-            :class:`~chatcore.Connection`): its ``identity``,
+            :class:`~chatcore.Connection`, in memory only): its ``identity``,
             ``close_record``, ``statistics()``, or ``close_nowait(4002)`` to
             act as the server would.
         timeout: The default bound of every wait, in seconds.
@@ -156,14 +161,14 @@ class TestClient:
 
     def __init__(
         self,
-        wire: MemoryClient,
-        connection: Connection,
+        wire: MemoryPeer | WebSocketPeer,
+        connection: Connection | None,
         *,
         timeout: float,
         answer_pings: bool,
     ) -> None:
-        #: The server side of this connection.
-        self.connection = connection
+        # The server side of this connection (None over a real socket).
+        self._connection = connection
         #: Default bound of every wait (seconds).
         self.timeout = timeout
         #: Answer ``ping`` with ``pong`` automatically (and do not buffer it).
@@ -189,9 +194,33 @@ class TestClient:
     # -- identity and state ---------------------------------------------------
 
     @property
+    def connection(self) -> Connection:
+        """The server side of this connection (the actor's :class:`~chatcore.Connection`).
+
+        Raises:
+            AttributeError: the client talks to a server over a real socket
+                (:func:`open_test_client` with a URL): the server side runs
+                elsewhere.
+        """
+        if self._connection is None:
+            raise AttributeError("a client connected over a socket has no server-side connection")
+        return self._connection
+
+    @property
     def connection_id(self) -> str:
         """The ``connection_id`` the server announced in ``hello``."""
         return str(self.hello.get("connection_id", ""))
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """The client's ``(host, port)`` as the server sees it (``None`` if unknown)."""
+        if isinstance(self._wire, WebSocketPeer) and isinstance(
+            self._wire.stream, trio.SocketStream
+        ):
+            host, port = self._wire.stream.socket.getsockname()[:2]
+            return str(host), int(port)
+        assert self._connection is not None
+        return self._connection.request.client
 
     @property
     def user(self) -> str | None:
@@ -265,7 +294,7 @@ class TestClient:
                 if isinstance(payload, bytes):
                     await self._wire.send_bytes(payload)
                 else:
-                    await self._wire.send(payload)
+                    await self._wire.send_text(payload)
         except trio.TooSlowError:
             raise AssertionError(
                 f"timed out after {limit:g}s {what}: the server is not reading"
@@ -570,7 +599,7 @@ class TestClient:
         ``CloseFrame(1006, ...)`` once the reader notices.
         """
         self._close_acknowledged = True
-        self._wire.vanish()
+        self._wire.vanish_nowait()
 
     # -- internals --------------------------------------------------------------
 
@@ -638,6 +667,11 @@ class TestClient:
                 self._closed = CloseFrame(1006, "connection lost")
                 self._arrived()
                 return
+            except RemoteProtocolError as exc:  # over a socket: corrupt framing
+                self._violations.append(f"invalid WebSocket framing ({exc})")
+                self._closed = CloseFrame(1006, "connection lost")
+                self._arrived()
+                return
             if isinstance(frame, CloseFrame):
                 self._closed = frame
                 self._arrived()
@@ -662,7 +696,7 @@ class TestClient:
             return
         if self.answer_pings and message["type"] == "ping":
             try:
-                await self._wire.send(_PONG)
+                await self._wire.send_text(_PONG)
             except PeerGone:
                 pass  # closing; the reader sees the close next
             return
@@ -685,24 +719,32 @@ async def _serve(
 
 @asynccontextmanager
 async def open_test_client(
-    handler: ConnectionHandler,
+    app: ConnectionHandler | str,
     *,
     user: str | None = None,
     path: str = "/ws",
     query: Mapping[str, str] | str = "",
     headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
     client: tuple[str, int] | None = None,
     config: Config | None = None,
     answer_pings: bool = True,
     timeout: float = 5.0,  # noqa: ASYNC109
 ) -> AsyncIterator[TestClient]:
-    """Connect a :class:`TestClient` to ``handler`` in memory.
+    """Connect a :class:`TestClient` to ``app``: in memory, or over a real WebSocket.
 
-    Runs the real connection actor (:func:`~chatcore.serve_connection`) for
-    ``handler`` in a nursery of its own: the ``authenticate`` hook judges the
-    handshake, the server's first message must be ``hello``. On exit the
-    client closes with 1000 (if still open) and waits until the server side
-    has finished, so ``connection_closed`` has run when the block is left.
+    With a handler, runs the real connection actor
+    (:func:`~chatcore.serve_connection`) for it in memory, in a nursery of its
+    own: the ``authenticate`` hook judges the handshake, the server's first
+    message must be ``hello``. On exit the client closes with 1000 (if still
+    open) and waits until the server side has finished, so
+    ``connection_closed`` has run when the block is left.
+
+    With a ``ws://host:port/path?query`` URL, connects over TCP to a server
+    that is already running (``chatcore serve``, hypercorn, ``serve_websocket``)
+    and speaks the same protocol; on exit it closes with 1000 and waits for the
+    server's answering close frame. :attr:`TestClient.connection` is not
+    available then (the server side runs elsewhere).
 
     Example::
 
@@ -712,45 +754,72 @@ async def open_test_client(
             await alice.expect("message", room="lobby", offset=offset, from_="alice")
 
     Args:
-        handler: The application (a :class:`~chatcore.Hub`, or any
-            :class:`~chatcore.ConnectionHandler`).
+        app: The application (a :class:`~chatcore.Hub`, or any
+            :class:`~chatcore.ConnectionHandler`), or the ``ws://`` URL of
+            a running server.
         user: Added to the query as ``user=<user>`` (how the example app
             authenticates). Tokens and other credentials go in ``query``
             or ``headers``.
-        path: The request path.
-        query: The query string (``"token=abc"``) or parameters (``{"token": "abc"}``).
+        path: The request path (in memory; a URL carries its own).
+        query: The query string (``"token=abc"``) or parameters
+            (``{"token": "abc"}``), added to the URL's own query.
         headers: Handshake headers, e.g. ``[("origin", "https://example.com")]``.
-        client: The client's ``(host, port)``; default ``127.0.0.1`` with a
-            port unique to this client.
-        config: The connection's bounds and timings (default ``Config()``);
-            e.g. ``Config(heartbeat_interval=1)`` to test heartbeats.
+        subprotocols: Subprotocols to offer.
+        client: The client's ``(host, port)`` (in memory only); default
+            ``127.0.0.1`` with a port unique to this client.
+        config: The connection's bounds and timings (in memory only; default
+            ``Config()``), e.g. ``Config(heartbeat_interval=1)`` to test heartbeats.
         answer_pings: Answer the server's ``ping`` automatically (see
             :attr:`TestClient.answer_pings`).
         timeout: Default bound, in seconds, of every wait of the client,
-            including the handshake, ``hello`` and the close on exit.
+            including the connection, the handshake, ``hello`` and the close
+            on exit.
 
     Yields:
         The connected client, ``hello`` received.
 
     Raises:
-        HandshakeRejected: ``authenticate`` refused (``status``, ``body``).
+        HandshakeRejected: the server refused (``status``, ``body``, ``headers``).
         AssertionError: the first message was not ``hello``; the handshake, the
             ``hello`` or the server's finish on exit took longer than
             ``timeout``; or the server sent something that is not a protocol
             message and the test never received it.
-        ValueError: ``user`` given both as ``user=`` and in ``query``.
+        ValueError: ``user`` given both as ``user=`` and in ``query``; a URL
+            that is not ``ws://``; ``client`` or ``config`` with a URL.
+        OSError: the TCP connection to the URL failed.
 
     Cancellation: leaving the block with an exception (cancellation included)
-    drops the link without a close frame (the server sees 1006) and cancels
-    the connection; the exception propagates unchanged, never wrapped in an
-    :class:`ExceptionGroup`.
+    drops the link without a close frame (the server sees 1006) and, in
+    memory, cancels the connection; the exception propagates unchanged, never
+    wrapped in an :class:`ExceptionGroup`.
     """
-    request = HandshakeRequest(
-        path,
-        _build_query(query, user),
-        tuple(headers),
-        client if client is not None else ("127.0.0.1", next(_ports)),
-    )
+    if isinstance(app, str):
+        if client is not None or config is not None:
+            raise ValueError("client= and config= apply in memory only, not to a URL")
+        connecting = _open_socket_client(
+            app, user, query, headers, subprotocols, answer_pings, timeout
+        )
+    else:
+        request = HandshakeRequest(
+            path=path,
+            query_string=_build_query(query, user),
+            headers=tuple(headers),
+            client=client if client is not None else ("127.0.0.1", next(_ports)),
+            subprotocols=tuple(subprotocols),
+        )
+        connecting = _open_memory_client(app, request, config, answer_pings, timeout)
+    async with connecting as test_client:
+        yield test_client
+
+
+@asynccontextmanager
+async def _open_memory_client(
+    handler: ConnectionHandler,
+    request: HandshakeRequest,
+    config: Config | None,
+    answer_pings: bool,
+    timeout: float,  # noqa: ASYNC109
+) -> AsyncIterator[TestClient]:
     stream, wire = memory_stream_pair(request)
     server_done = trio.Event()
     # An exception raised inside the nursery's body would come out wrapped in
@@ -758,11 +827,11 @@ async def open_test_client(
     error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         connection: Connection = await nursery.start(_serve, stream, handler, config, server_done)
-        test_client = TestClient(wire, connection, timeout=timeout, answer_pings=answer_pings)
+        test_client = TestClient(
+            MemoryPeer(wire), connection, timeout=timeout, answer_pings=answer_pings
+        )
         try:
-            await _handshake(test_client, wire)
-            nursery.start_soon(test_client._read)
-            test_client.hello = await test_client.expect("hello")
+            await _start(test_client, nursery)
             yield test_client
             if test_client._closed is None:
                 await test_client.close()
@@ -789,17 +858,66 @@ async def open_test_client(
         raise error
 
 
-async def _handshake(test_client: TestClient, wire: MemoryClient) -> None:
+@asynccontextmanager
+async def _open_socket_client(
+    url: str,
+    user: str | None,
+    query: Mapping[str, str] | str,
+    headers: Sequence[tuple[str, str]],
+    subprotocols: Sequence[str],
+    answer_pings: bool,
+    timeout: float,  # noqa: ASYNC109
+) -> AsyncIterator[TestClient]:
+    parts = urlsplit(url)
+    if parts.scheme != "ws" or not parts.hostname:
+        raise ValueError(f"expected a ws://host:port/path URL, got {url!r}")
+    text = _build_query("&".join(q for q in (parts.query, _build_query(query, None)) if q), user)
+    target = (parts.path or "/") + (f"?{text}" if text else "")
+    error: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        try:
+            with trio.fail_after(timeout):
+                peer = await WebSocketPeer.connect(
+                    parts.hostname,
+                    parts.port or 80,
+                    target,
+                    headers=headers,
+                    subprotocols=subprotocols,
+                )
+        except trio.TooSlowError:
+            raise AssertionError(f"could not connect to {url} within {timeout:g}s") from None
+        test_client = TestClient(peer, None, timeout=timeout, answer_pings=answer_pings)
+        try:
+            await _start(test_client, nursery)
+            yield test_client
+            if test_client._closed is None:
+                await test_client.close()
+            test_client._raise_violation()
+        except GeneratorExit:  # pragma: no cover  (garbage-collected generator)
+            raise
+        except BaseException as exc:
+            error = exc
+        finally:
+            peer.vanish_nowait()
+            nursery.cancel_scope.cancel()
+    if error is not None:
+        raise error
+
+
+async def _start(test_client: TestClient, nursery: trio.Nursery) -> None:
+    """The handshake's answer, then the reader task, then ``hello``."""
     timeout = test_client.timeout
     try:
         with trio.fail_after(timeout):
-            await wire.wait_accepted()
+            await test_client._wire.wait_accepted()
     except trio.TooSlowError:
         raise AssertionError(
             f"the server did not answer the handshake within {timeout:g}s"
         ) from None
     except PeerGone:
         raise AssertionError("the server dropped the link during the handshake") from None
+    nursery.start_soon(test_client._read)
+    test_client.hello = await test_client.expect("hello")
 
 
 @asynccontextmanager

@@ -15,9 +15,9 @@ nothing past this module sees a dict); the server layer
 (``chatcore._server.serve_asgi_websocket``) runs chatcore's connection actor
 on it.
 
-hypercorn's behaviour forces the following rules. Each is a trap we
-measured; docs/deploy.md lists them for users with what chatcore does about
-each.
+hypercorn's behaviour forces the following rules. Each is a trap we measured;
+docs/deploy.md lists them for users with what chatcore does about each, and
+docs/design.md maps every trap to the test that proves its handling.
 
 Rule 1: **the application never returns while the client may still be
 talking.** If the ASGI application finishes (returns, raises, even after

@@ -112,7 +112,8 @@ class _Link:
         self.to_server = _Pipe(capacity)
         self.to_client = _Pipe(capacity)
         self.answered = trio.Event()
-        self.rejection: tuple[int, bytes] | None = None
+        # (status, body, headers) of the refusal.
+        self.rejection: tuple[int, bytes, tuple[tuple[str, str], ...]] | None = None
         self.subprotocol: str | None = None
 
     def drop(self) -> None:
@@ -154,7 +155,8 @@ class MemoryStream(MessageStream):
         """See :meth:`MessageStream.reject`."""
         self._answer()
         await trio.lowlevel.checkpoint()
-        self._link.rejection = (status, body)
+        lowered = tuple((name.lower(), value) for name, value in headers)
+        self._link.rejection = (status, body, lowered)
         self._link.answered.set()
         self._link.drop()
 
@@ -211,6 +213,11 @@ class MemoryStream(MessageStream):
 
 class MemoryClient:
     """The client side of an in-memory WebSocket (see :func:`memory_stream_pair`).
+
+    This is the raw end of the link, for tests of the connection core that
+    look at single frames. To test an application, use
+    :class:`chatcore.testing.TestClient`; the transport conformance suite
+    drives this end through :class:`chatcore.testing.MemoryPeer`.
 
     Attributes:
         frames: Every frame received so far, in order (the wire log).
