@@ -1146,9 +1146,9 @@ async def test_hub_publish_from_the_server(autojump_clock: trio.abc.Clock) -> No
         with pytest.raises(ValueError, match="invalid room"):
             await hub.publish("not a room", 1)
         # Data that cannot be encoded raises and leaves no gap in the order.
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="not JSON serializable"):
             await hub.publish("news", {"not json": object()})
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="not JSON compliant"):
             await hub.publish("news", float("nan"))
         assert await hub.publish("news", "next") == 4
         await alice.expect("message", offset=4, data="next")

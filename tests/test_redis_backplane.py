@@ -195,20 +195,20 @@ def test_missing_coredis_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.mark.parametrize(
-    "options",
+    ("options", "message"),
     [
-        {"publish_batch": 0},
-        {"request_timeout": 0},
-        {"command_timeout": math.nan},
-        {"reconnect_max": -1},
-        {"node_ttl": 0},
-        {"room_ttl": 0},
-        {"prefix": "a{b}"},
-        {"prefix": ""},
+        ({"publish_batch": 0}, "publish_batch must be > 0"),
+        ({"request_timeout": 0}, "request_timeout must be > 0"),
+        ({"command_timeout": math.nan}, "command_timeout must be > 0"),
+        ({"reconnect_max": -1}, "reconnect_max must be > 0"),
+        ({"node_ttl": 0}, "node_ttl must be > 0"),
+        ({"room_ttl": 0}, "room_ttl must be > 0"),
+        ({"prefix": "a{b}"}, "prefix must be non-empty without braces"),
+        ({"prefix": ""}, "prefix must be non-empty without braces"),
     ],
 )
-def test_bad_settings_are_refused(options: dict[str, Any]) -> None:
-    with pytest.raises(ValueError):
+def test_bad_settings_are_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
         RedisBackplane(**options)
 
 
@@ -265,11 +265,11 @@ async def test_message_text_is_byte_identical_to_encode_message(
 async def test_unencodable_data_stores_nothing(redis_server: RedisServer) -> None:
     async with open_nodes(redis_server.url, 1) as [node]:
         before = await node.backplane.position("r")
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="not JSON serializable"):
             await node.backplane.publish("r", "u", {1, 2}, None)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="not JSON compliant"):
             await node.backplane.publish("r", "u", math.inf, None)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="cannot contain a newline"):
             await node.backplane.publish("r", "u", 1, "bad\nnonce")
         assert await node.backplane.position("r") == before
 
