@@ -773,6 +773,13 @@ class Connection:
                         self._pending_tasks.clear()
                         # The actor itself runs the application.
                         await self._guarded(handler.handle, (self,), True)
+                except BaseException as exc:
+                    # The nursery absorbs its own cancellation (a close), so a
+                    # Cancelled that leaves it came from outside: the server
+                    # is stopping.
+                    if _is_cancellation(exc):
+                        self._transport.server_stopping()
+                    raise
                 finally:
                     beat.owner = None
                     self._inbox_send.close()
@@ -822,6 +829,8 @@ class Connection:
             passing = self._firewall(exc, "authenticate")  # a crash: refused with 500
             if passing is not None:
                 # Cancelled from outside (server shutdown): refuse with 503.
+                if _is_cancellation(passing):
+                    self._transport.server_stopping()
                 self._request_close(1012, "server shutting down", CloseCause.SHUTDOWN)
                 with trio.CancelScope(shield=True):
                     await self._finish_close()
@@ -885,6 +894,13 @@ class Connection:
         self._outbox.clear()
         await transport.abort()
         self._arbiter.finish()
+
+
+def _is_cancellation(exc: BaseException) -> bool:
+    """True for ``trio.Cancelled``, or a group that holds one."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[0] is not None
+    return isinstance(exc, trio.Cancelled)
 
 
 async def serve_connection(

@@ -370,10 +370,9 @@ async def serve_asgi_websocket(
             logger.warning("refusing a malformed websocket scope: %s", exc)
             await deny_websocket(scope, send, 400, b"malformed request")
             return
-        async with trio.open_nursery() as nursery:
-            watcher = await nursery.start(_notice_cancellation, stream)
-            await serve_connection(stream, handler, config=config)
-            watcher.cancel()
+        # The actor tells the stream if the server cancels it (no watcher
+        # task per connection: see MessageStream.server_stopping).
+        await serve_connection(stream, handler, config=config)
     except Exception:
         # serve_connection never raises because of the client or the
         # application, so this is a chatcore bug; it must still not escape.
@@ -382,21 +381,6 @@ async def serve_asgi_websocket(
             await _refuse_quietly(scope, send, 500)
     if stream is not None and stream.accepted:
         await stream.linger(linger)
-
-
-async def _notice_cancellation(
-    stream: ASGIStream, *, task_status: trio.TaskStatus[trio.CancelScope]
-) -> None:
-    """Sleeps beside the connection; if the server cancels us, tells the stream."""
-    with trio.CancelScope() as own:
-        task_status.started(own)
-        try:
-            await trio.sleep_forever()
-        finally:
-            if not own.cancel_called:  # cancelled from outside: the server
-                # The stream's own hook for this (a private method of the
-                # transport, called only from here).
-                stream._stop_waiting()
 
 
 async def _refuse_quietly(scope: ASGIScope, send: ASGISend, status: int) -> None:

@@ -104,3 +104,12 @@ class MessageStream(abc.ABC):
     @abc.abstractmethod
     async def abort(self) -> None:
         """Drop the link at once, without a close handshake. Idempotent; never raises."""
+
+    def server_stopping(self) -> None:  # noqa: B027  (optional: most transports need nothing)
+        """The connection actor was cancelled from outside: the server is stopping.
+
+        Called once, synchronously, before the actor's shielded close sequence.
+        A transport whose server stops reading together with the application
+        (hypercorn cancels both) can stop waiting for the peer's close frame
+        here. The default does nothing. Never raises.
+        """

@@ -424,7 +424,7 @@ class ASGIStream(MessageStream):
             scope.cancel()
         await trio.lowlevel.checkpoint_if_cancelled()
 
-    def _stop_waiting(self) -> None:
+    def server_stopping(self) -> None:
         """The server is cancelling this connection: stop waiting for its disconnect.
 
         hypercorn cancels the application and its own reader task together
