@@ -781,7 +781,7 @@ class Connection:
                         self._transport.server_stopping()
                     raise
                 finally:
-                    beat.owner = None
+                    self._pacer.detach(beat)
                     self._inbox_send.close()
                     with trio.CancelScope(shield=True):
                         await self._finish_close()

@@ -28,7 +28,9 @@ marked: it checkpoints, so ``wait_all_tasks_blocked()`` still means
 **Heartbeats.** Each open connection has a :class:`Beat` in one heap ordered
 by due time; one task sleeps until the earliest is due and calls the
 connection back (send a ping, or check the answer). A closed connection
-detaches its beat, so the heap never keeps a closed connection alive.
+detaches its beat, so the heap never keeps a closed connection alive, and the
+heap is compacted once detached entries are the majority, so connection churn
+cannot grow it beyond about twice the open connections.
 
 **Send deadlines.** A writer puts its connection in :attr:`Pacer.sending`
 while a frame is in flight; one watchdog task looks at them every
@@ -53,11 +55,20 @@ import logging
 import math
 from typing import Protocol
 
+import attrs
 import trio
 
 from .sansio import QueueTotal
 
-__all__ = ["MAX_PASSES", "QUIET_PASSES", "WATCH_INTERVAL", "Beat", "Pacer", "pacer"]
+__all__ = [
+    "MAX_PASSES",
+    "QUIET_PASSES",
+    "WATCH_INTERVAL",
+    "Beat",
+    "Pacer",
+    "PacerStatistics",
+    "pacer",
+]
 
 logger = logging.getLogger("chatcore.connection")
 
@@ -108,6 +119,24 @@ class Beat:
         return f"<Beat {state} due={self.due:.3f}>"
 
 
+@attrs.frozen
+class PacerStatistics:
+    """A snapshot of a run's pacer.
+
+    Attributes:
+        marked: Connections whose writer waits for the end of a burst.
+        heartbeats: Entries in the heartbeat heap (open connections, plus
+            closed ones not yet compacted away).
+        sending: Connections with a frame in flight.
+        queued_bytes: Bytes queued in every outbox of the run.
+    """
+
+    marked: int
+    heartbeats: int
+    sending: int
+    queued_bytes: int
+
+
 class Pacer:
     """Batched writer wake-ups and every heartbeat of one Trio run (see module docs).
 
@@ -126,6 +155,8 @@ class Pacer:
         self._flusher_lot = trio.lowlevel.ParkingLot()
         # Heap of (due, tiebreak, beat).
         self._beats: list[tuple[float, int, Beat]] = []
+        # Entries of closed connections still in the heap.
+        self._detached = 0
         self._tiebreak = itertools.count()
         # The heartbeat task parks here; woken when an earlier beat arrives.
         self._beat_lot = trio.lowlevel.ParkingLot()
@@ -136,6 +167,15 @@ class Pacer:
 
     def __repr__(self) -> str:
         return f"<Pacer marked={len(self._marked)} beats={len(self._beats)} {self.queued!r}>"
+
+    def statistics(self) -> PacerStatistics:
+        """A frozen snapshot of the pacer's queues."""
+        return PacerStatistics(
+            marked=len(self._marked),
+            heartbeats=len(self._beats),
+            sending=len(self.sending),
+            queued_bytes=self.queued.nbytes,
+        )
 
     # -- batched wake-ups ------------------------------------------------------
 
@@ -191,6 +231,18 @@ class Pacer:
             self._beat_lot.unpark()
         heapq.heappush(heap, (due, next(self._tiebreak), beat))
 
+    def detach(self, beat: Beat) -> None:
+        """Forget ``beat``'s connection (it closed); compact the heap if need be."""
+        beat.owner = None
+        self._detached += 1
+        heap = self._beats
+        if self._detached > 64 and 2 * self._detached > len(heap):
+            # In place: the heartbeat task holds this list.
+            heap[:] = [entry for entry in heap if entry[2].owner is not None]
+            heapq.heapify(heap)
+            self._detached = 0
+            self._beat_lot.unpark()
+
     async def _heartbeats(self) -> None:
         heap = self._beats
         while True:
@@ -204,8 +256,11 @@ class Pacer:
                 continue
             heapq.heappop(heap)
             owner = beat.owner
-            if owner is None or beat.due != due:
-                continue  # detached, or rescheduled (a newer entry exists)
+            if owner is None:
+                self._detached -= 1
+                continue
+            if beat.due != due:
+                continue  # rescheduled (a newer entry exists)
             try:
                 owner._beat(beat)
             except Exception:  # pragma: no cover  (a chatcore bug; never kill the run)

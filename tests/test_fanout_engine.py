@@ -407,3 +407,24 @@ async def test_an_open_connection_runs_three_tasks(
         await trio.testing.wait_all_tasks_blocked()
         assert trio.lowlevel.current_statistics().tasks_living - before == 10 * 3
         nursery.cancel_scope.cancel()
+
+
+async def test_connection_churn_cannot_grow_the_heartbeat_heap(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Closed connections' heartbeat entries are compacted away long before
+    their (hour-long) due time."""
+    run_pacer = pacer()
+    base = run_pacer.statistics().heartbeats
+    async with trio.open_nursery() as nursery:
+        for _ in range(300):
+            stream, client = memory_stream_pair()
+            conn: Connection = await nursery.start(
+                lambda task_status, s=stream: serve_connection(
+                    s, RecordingHandler(), config=config(), task_status=task_status
+                )
+            )
+            await client.wait_accepted()
+            client.vanish()
+            await conn.wait_closed()
+            assert run_pacer.statistics().heartbeats - base <= 65
