@@ -180,12 +180,13 @@ class Connection:
         "_close_deadline",
         "_closed",
         "_coalesced",
+        "_done",
         "_flushed",
         "_frame_started",
         "_frames_sent",
         "_handshake_scope",
-        "_inbox_receive",
-        "_inbox_send",
+        "_inbox",
+        "_inbox_lot",
         "_marked",
         "_messages_queued",
         "_messages_received",
@@ -251,9 +252,14 @@ class Connection:
         # This connection's entry in the pacer's heartbeat heap (while open).
         self._beat_entry: Beat | None = None
         # Tasks in ``send()`` park here until the outbox has room.
-        self._room_lot = trio.lowlevel.ParkingLot()
+        self._room_lot: trio.lowlevel.ParkingLot | None = None
         # Reader -> application; bounded so a slow handler back-pressures TCP.
-        self._inbox_send, self._inbox_receive = trio.open_memory_channel[str](config.inbox_size)
+        # (A list and one parking lot, not a memory channel: a connection is
+        # made thousands of times and a channel costs ~2.5 KiB.) Receivers
+        # park here while it is empty, the reader while it is full; both are
+        # woken at the transitions, and at the close.
+        self._inbox: list[str] = []
+        self._inbox_lot = trio.lowlevel.ParkingLot()
         # The nursery holding reader/writer/heartbeat/app tasks (while OPEN).
         self._nursery: trio.Nursery | None = None
         # Tasks started after the accept decision but before the nursery exists
@@ -271,9 +277,11 @@ class Connection:
         # PeerGone and the transport is aborted instead.
         self._unsent: str | None = None
         # Cancelled by a close request during the handshake.
-        self._handshake_scope = trio.CancelScope()
-        # Set once the close is complete and the transport released.
-        self._closed = trio.Event()
+        self._handshake_scope: trio.CancelScope | None = trio.CancelScope()
+        # Set once the close is complete and the transport released; the
+        # event is made for the first waiter (most connections have none).
+        self._done = False
+        self._closed: trio.Event | None = None
         # Set by the reader on any client message; the heartbeat clears it
         # when it pings and checks it when the answer is due.
         self._seen = False
@@ -432,6 +440,8 @@ class Connection:
             self._raise_unless_open()
             if self._outbox.has_room_for(message.nbytes):
                 break
+            if self._room_lot is None:
+                self._room_lot = trio.lowlevel.ParkingLot()
             await self._room_lot.park()
         await trio.lowlevel.checkpoint()
         self._raise_unless_open()
@@ -467,20 +477,36 @@ class Connection:
             ConnectionClosed: the connection is closing or closed.
         """
         self._raise_unless_open()
-        try:
-            return await self._inbox_receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            self._raise_unless_open()
-            raise  # pragma: no cover  (the inbox only ends after a close)
+        await trio.lowlevel.checkpoint()
+        while (message := self._take_message()) is None:
+            await self._inbox_lot.park()
+        return message
+
+    def _take_message(self) -> str | None:
+        """The next message if one is waiting; raises if the connection is not open."""
+        self._raise_unless_open()
+        inbox = self._inbox
+        if not inbox:
+            return None
+        message = inbox.pop(0)
+        if self._inbox_lot and len(inbox) == self.config.inbox_size - 1:
+            self._inbox_lot.unpark_all()  # the reader waits for room
+        return message
 
     def __aiter__(self) -> Connection:
         return self
 
     async def __anext__(self) -> str:
+        # receive()'s body, not a call to it: one coroutine frame less for
+        # every connection parked in ``async for`` (they are most of them).
         try:
-            return await self.receive()
+            self._raise_unless_open()
+            await trio.lowlevel.checkpoint()
+            while (message := self._take_message()) is None:
+                await self._inbox_lot.park()
         except ConnectionClosed:
             raise StopAsyncIteration from None
+        return message
 
     # -- tasks -----------------------------------------------------------------
 
@@ -588,14 +614,22 @@ class Connection:
         if self._inside():
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            await self._closed.wait()
+            await self._wait_done()
         return outcome
 
     async def wait_closed(self) -> CloseRecord:
         """Wait until the connection is fully closed; returns the recorded close."""
-        await self._closed.wait()
+        await self._wait_done()
         assert self._arbiter.record is not None
         return self._arbiter.record
+
+    async def _wait_done(self) -> None:
+        if self._done:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._closed is None:
+            self._closed = trio.Event()
+        await self._closed.wait()
 
     def _inside(self) -> bool:
         """True if the current task is the actor or belongs to the connection's nursery.
@@ -620,7 +654,7 @@ class Connection:
         outcome = self._arbiter.close(code, reason, cause)
         if outcome.initiated:
             self._close_deadline = trio.current_time() + self.config.close_timeout
-            if was is ConnectionState.CONNECTING:
+            if was is ConnectionState.CONNECTING and self._handshake_scope is not None:
                 self._handshake_scope.cancel()
             if self._send_scope is not None:
                 self._send_scope.deadline = min(self._send_scope.deadline, self._close_deadline)
@@ -628,7 +662,8 @@ class Connection:
             # Wake the writer so it returns and cancels the nursery; wake
             # senders so they raise ConnectionClosed.
             self._writer_lot.unpark_all()
-            self._room_lot.unpark_all()
+            if self._room_lot is not None:
+                self._room_lot.unpark_all()
         return outcome
 
     # -- the tasks of an open connection -------------------------------------
@@ -642,7 +677,9 @@ class Connection:
 
     async def _reader(self) -> None:
         limit = self.config.max_message_bytes
-        send = self._inbox_send.send
+        inbox = self._inbox
+        lot = self._inbox_lot
+        size = self.config.inbox_size
         while True:
             try:
                 message = await self._transport.receive()
@@ -662,7 +699,11 @@ class Connection:
                 self._request_close(1009, "message too big", CloseCause.PROTOCOL)
                 return
             self._messages_received += 1
-            await send(message)
+            while len(inbox) >= size:
+                await lot.park()  # a slow handler back-pressures the client's TCP
+            inbox.append(message)
+            if lot:
+                lot.unpark_all()
 
     async def _writer(self) -> None:
         outbox = self._outbox
@@ -761,6 +802,7 @@ class Connection:
         self._actor_task = trio.lowlevel.current_task()
         try:
             if await self._handshake(handler):
+                self._handshake_scope = None  # done with: not kept for the connection's life
                 beat = self._beat_entry = Beat(self, 0.0)
                 self._pacer.schedule(beat, trio.current_time() + self.config.heartbeat_interval)
                 try:
@@ -782,20 +824,22 @@ class Connection:
                     raise
                 finally:
                     self._pacer.detach(beat)
-                    self._inbox_send.close()
+                    self._inbox_lot.unpark_all()  # receivers see the close
                     with trio.CancelScope(shield=True):
                         await self._finish_close()
         finally:
             # Also when the nursery never ran: a receive() waiting since the
             # accept decision must not wait forever.
-            self._inbox_send.close()
+            self._inbox_lot.unpark_all()
             self._pending_tasks.clear()
             # Nothing of the run (tasks, nursery, scopes) stays reachable from
             # a closed connection: no reference cycles for the collector.
             self._nursery = None
             self._actor_task = None
             self._send_scope = None
-            self._closed.set()
+            self._done = True
+            if self._closed is not None:
+                self._closed.set()
             try:
                 handler.connection_closed(self)
             except Exception:
@@ -804,9 +848,11 @@ class Connection:
     async def _handshake(self, handler: ConnectionHandler) -> bool:
         """Authenticate and answer the handshake. True if the connection opened."""
         decision: Accept | Reject | None = None
+        scope = self._handshake_scope
+        assert scope is not None
         try:
-            with self._handshake_scope:
-                self._handshake_scope.deadline = trio.current_time() + self.config.handshake_timeout
+            with scope:
+                scope.deadline = trio.current_time() + self.config.handshake_timeout
                 decision = await handler.authenticate(self.request)
                 if isinstance(decision, Accept):
                     self.identity = decision.identity

@@ -50,7 +50,6 @@ unexpected is logged, never propagated.
 from __future__ import annotations
 
 import heapq
-import itertools
 import logging
 import math
 from typing import Protocol
@@ -118,6 +117,11 @@ class Beat:
         state = "detached" if self.owner is None else ("check" if self.ping_sent else "ping")
         return f"<Beat {state} due={self.due:.3f}>"
 
+    def __lt__(self, other: Beat) -> bool:
+        # Heap order. A beat is in the heap at most once and its due time
+        # changes only while it is out of it (see Pacer.schedule).
+        return self.due < other.due
+
 
 @attrs.frozen
 class PacerStatistics:
@@ -153,11 +157,10 @@ class Pacer:
 
         # The flusher parks here while nothing is marked.
         self._flusher_lot = trio.lowlevel.ParkingLot()
-        # Heap of (due, tiebreak, beat).
-        self._beats: list[tuple[float, int, Beat]] = []
+        # Heap of beats by due time.
+        self._beats: list[Beat] = []
         # Entries of closed connections still in the heap.
         self._detached = 0
-        self._tiebreak = itertools.count()
         # The heartbeat task parks here; woken when an earlier beat arrives.
         self._beat_lot = trio.lowlevel.ParkingLot()
         #: Connections with a frame in flight (the watchdog's to check).
@@ -224,12 +227,12 @@ class Pacer:
     # -- heartbeats ------------------------------------------------------------
 
     def schedule(self, beat: Beat, due: float) -> None:
-        """(Re)schedule ``beat`` to call its owner back at ``due``."""
+        """Schedule ``beat`` (not in the heap now) to call its owner back at ``due``."""
         beat.due = due
         heap = self._beats
-        if not heap or due < heap[0][0]:
+        if not heap or due < heap[0].due:
             self._beat_lot.unpark()
-        heapq.heappush(heap, (due, next(self._tiebreak), beat))
+        heapq.heappush(heap, beat)
 
     def detach(self, beat: Beat) -> None:
         """Forget ``beat``'s connection (it closed); compact the heap if need be."""
@@ -238,7 +241,7 @@ class Pacer:
         heap = self._beats
         if self._detached > 64 and 2 * self._detached > len(heap):
             # In place: the heartbeat task holds this list.
-            heap[:] = [entry for entry in heap if entry[2].owner is not None]
+            heap[:] = [entry for entry in heap if entry.owner is not None]
             heapq.heapify(heap)
             self._detached = 0
             self._beat_lot.unpark()
@@ -249,7 +252,8 @@ class Pacer:
             if not heap:
                 await self._beat_lot.park()
                 continue
-            due, _, beat = heap[0]
+            beat = heap[0]
+            due = beat.due
             if due > trio.current_time():
                 with trio.move_on_at(due):
                     await self._beat_lot.park()
@@ -259,8 +263,6 @@ class Pacer:
             if owner is None:
                 self._detached -= 1
                 continue
-            if beat.due != due:
-                continue  # rescheduled (a newer entry exists)
             try:
                 owner._beat(beat)
             except Exception:  # pragma: no cover  (a chatcore bug; never kill the run)

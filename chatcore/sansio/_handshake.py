@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from functools import cached_property
 from http.cookies import CookieError, SimpleCookie
@@ -15,7 +16,8 @@ __all__ = ["Accept", "HandshakeRequest", "Reject"]
 def _lowercase_names(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     # Lookups compare lowercase names; normalising here means a transport (or a
     # test) that passes ``("Origin", ...)`` cannot make the header invisible.
-    return tuple((name.lower(), value) for name, value in headers)
+    # Interned: every connection keeps its request, and the names repeat.
+    return tuple((sys.intern(name.lower()), value) for name, value in headers)
 
 
 # ``slots=False``: ``functools.cached_property`` stores into the instance

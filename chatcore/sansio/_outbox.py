@@ -128,6 +128,11 @@ class QueueTotal:
         return f"<QueueTotal {self.nbytes}B>"
 
 
+# The queue of an empty outbox: shared and never appended to (an empty deque
+# still holds a block of 64 slots, and most connections are idle).
+_EMPTY: deque[_Slot | OutboundMessage] = deque(maxlen=0)
+
+
 class _Slot:
     __slots__ = ("key", "nbytes", "text")
 
@@ -208,7 +213,7 @@ class Outbox:
         self.dropped = 0
         # FIFO of queued messages; keyed ones are also indexed by key so a newer
         # message with the same key can replace them in place.
-        self._queue: deque[_Slot | OutboundMessage] = deque()
+        self._queue = _EMPTY
         self._keyed: dict[str, _Slot] = {}
 
     def __len__(self) -> int:
@@ -254,6 +259,8 @@ class Outbox:
             burst and self._may_burst(message, nbytes, 1)
         ):
             return self._refuse(message)
+        if queue is _EMPTY:
+            queue = self._queue = deque()
         if key is None:
             # Immutable and shared by every outbox it is offered to: no copy.
             queue.append(message)
@@ -304,6 +311,7 @@ class Outbox:
         if first.key is not None:
             self._forget(first)
         if not queue:
+            self._queue = _EMPTY
             self.nbytes -= first.nbytes
             self._total.nbytes -= first.nbytes
             return first.text
@@ -318,6 +326,8 @@ class Outbox:
                 self._forget(slot)
             texts.append(slot.text)
             size += 1 + slot.nbytes
+        if not queue:
+            self._queue = _EMPTY
         taken = size - (len(texts) - 1)
         self.nbytes -= taken
         self._total.nbytes -= taken
@@ -326,7 +336,7 @@ class Outbox:
     def clear(self) -> int:
         """Discard everything queued; returns how many messages were discarded."""
         n = len(self._queue)
-        self._queue.clear()
+        self._queue = _EMPTY
         self._keyed.clear()
         self._total.nbytes -= self.nbytes
         self.nbytes = 0

@@ -207,13 +207,15 @@ class ASGIStream(MessageStream):
         # A send failed or was cancelled midway: the link is unusable.
         self._broken = False
         # Set by reject() and abort(): the application may return now, which
-        # is how an ASGI server is told to drop the link.
-        self._released = trio.Event()
+        # is how an ASGI server is told to drop the link. The event is made
+        # for a waiter (wait_released), which most streams never have.
+        self._released = False
+        self._released_event: trio.Event | None = None
         # The close code and reason of websocket.disconnect, when the server
         # reported a real one (hypercorn never does: Rule 5).
         self._peer_close: tuple[int, str] | None = None
-        # Scopes of receive calls in flight; abort() cancels them.
-        self._receiving: set[trio.CancelScope] = set()
+        # The scope of the receive call in flight; abort() cancels it.
+        self._receiving: trio.CancelScope | None = None
         # The server cancelled this connection's task (it is stopping): its
         # reader is cancelled too, so no disconnect will ever come.
         self._server_stopping = False
@@ -277,8 +279,8 @@ class ASGIStream(MessageStream):
             raise self._gone()
         if self._server_stopping:
             raise PeerGone(None)
-        scope = trio.CancelScope()
-        self._receiving.add(scope)
+        # One receive at a time (the actor's reader, later its close).
+        scope = self._receiving = trio.CancelScope()
         try:
             with scope:
                 message = await self._receive()
@@ -286,7 +288,7 @@ class ASGIStream(MessageStream):
             self._disconnected = True
             raise PeerGone(None) from exc
         finally:
-            self._receiving.discard(scope)
+            self._receiving = None
         if scope.cancelled_caught:  # abort() or the server stopping ended it
             raise PeerGone(None)
         if message.get("type") == "websocket.disconnect":
@@ -332,7 +334,7 @@ class ASGIStream(MessageStream):
         """See :meth:`MessageStream.reject` (sent as an ASGI denial response, Rule 4)."""
         self._answer()
         if self._disconnected:
-            self._released.set()
+            self._release()
             await trio.lowlevel.checkpoint()
             return
         try:
@@ -341,7 +343,7 @@ class ASGIStream(MessageStream):
             logger.debug("%r: refusal not delivered: %r", self, exc)
             self._broken = True
         finally:
-            self._released.set()
+            self._release()
 
     async def receive(self) -> str | bytes:
         """See :meth:`MessageStream.receive`.
@@ -419,9 +421,9 @@ class ASGIStream(MessageStream):
         HTTP 500 if the handshake was never answered. Idempotent; never raises.
         """
         self._broken = True
-        self._released.set()
-        for scope in self._receiving:
-            scope.cancel()
+        self._release()
+        if self._receiving is not None:
+            self._receiving.cancel()
         await trio.lowlevel.checkpoint_if_cancelled()
 
     def server_stopping(self) -> None:
@@ -435,8 +437,8 @@ class ASGIStream(MessageStream):
         returning early cannot race it (Rule 1).
         """
         self._server_stopping = True
-        for scope in self._receiving:
-            scope.cancel()
+        if self._receiving is not None:
+            self._receiving.cancel()
 
     async def wait_released(self) -> None:
         """Wait until :meth:`reject` or :meth:`abort` was called.
@@ -445,7 +447,17 @@ class ASGIStream(MessageStream):
         application driving an :class:`ASGIStream` by hand returns after this
         (and after :meth:`linger` if the stream was accepted).
         """
-        await self._released.wait()
+        if self._released:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._released_event is None:
+            self._released_event = trio.Event()
+        await self._released_event.wait()
+
+    def _release(self) -> None:
+        self._released = True
+        if self._released_event is not None:
+            self._released_event.set()
 
     async def linger(self, seconds: float) -> bool:
         """Wait up to ``seconds`` for ``websocket.disconnect`` (Rule 1).
