@@ -174,6 +174,9 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         # (no reservation left). While it exists, a connection that registers
         # (accepted just before the drain began) is shut down at once.
         self._drained: trio.Event | None = None
+        # Sessions between the end of their handle() and connection_closed
+        # (which hands them to on_disconnect): not kept on every connection.
+        self._ending: dict[Connection, Session] = {}
         self.backplane.attach(self)
 
     def __repr__(self) -> str:
@@ -507,7 +510,6 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         cfg = self.config
         member = Member(connection, cfg, trio.current_time())
         session = Session(self, member, identity)
-        connection.scope["chatcore.session"] = session
         self._registry.register(member)
         try:
             conn_cfg = connection.config
@@ -531,6 +533,8 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
                 await dispatch(member, text)
         finally:
             self._registry.unregister(member)
+            if self._on_disconnect is not None:
+                self._ending[connection] = session
 
     def connection_closed(self, connection: Connection) -> None:
         """Release the handshake reservation; run the on_disconnect hook."""
@@ -543,10 +547,8 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         record = connection.close_record
         if record is not None and record.cause is CloseCause.SLOW_CONSUMER:
             self._slow_consumer_disconnects += 1
-        # The session and the connection refer to each other: part them, so
-        # a closed connection is freed without the cycle collector.
-        session = connection.scope.pop("chatcore.session", None)
-        if self._on_disconnect is not None and isinstance(session, Session):
+        session = self._ending.pop(connection, None)
+        if self._on_disconnect is not None and session is not None:
             assert record is not None
             self._on_disconnect(session, record)
 
