@@ -54,8 +54,10 @@ class Config:
             without its writer completing a frame; then it is a slow consumer
             (4001) and its transport is aborted. Checked every 0.1 s, like
             ``send_timeout``.
-        max_queued_bytes: Bytes queued across every connection of the process
-            (256 MiB) beyond which no outbox may grow past its budget: the
+        max_queued_bytes: Memory of the messages queued across every
+            connection of the process (256 MiB; a message fanned out to many
+            connections counts once) beyond which no outbox may grow past its
+            budget with a message that adds memory: the
             connections that are behind are closed (4001), the others are
             untouched. With ``N`` connections the outboxes hold at most about
             ``max_queued_bytes + N * outbox_max_bytes``.

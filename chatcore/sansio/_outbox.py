@@ -108,24 +108,57 @@ class PushResult(enum.Enum):
 
 
 class QueueTotal:
-    """Bytes queued across many outboxes (one per process, shared by its connections).
+    """Memory held by many outboxes (one per process, shared by its connections).
 
-    Outboxes add what they queue and subtract what they hand out, so
-    :attr:`nbytes` is the memory held by every outbox that shares it. An
-    outbox given a ``max_total_bytes`` refuses, while the total is past it,
-    durable messages that would take it over its own budget (they become
+    A fan-out offers the *same* encoded message to every member, so a byte
+    count per outbox would count one 64 KiB message a thousand times for a
+    room of a thousand. This counts each message text once, however many
+    outboxes hold it, and subtracts it when the last one hands it out:
+    :attr:`nbytes` is the memory the queued messages take. An outbox given a
+    ``max_total_bytes`` refuses, while the total is past it, durable messages
+    that would take it over its own budget and add memory (they become
     :attr:`PushResult.OVERFLOW`): the connections that are behind are closed
-    first, the ones within budget are untouched.
+    first, the ones within budget are untouched, and a message the process
+    already holds costs nothing more.
     """
 
-    __slots__ = ("nbytes",)
+    __slots__ = ("_refs", "nbytes")
 
     def __init__(self) -> None:
-        #: Bytes queued now in every outbox sharing this total.
+        #: Bytes of the distinct message texts queued now in every outbox.
         self.nbytes = 0
+        # id(text) -> how many queue entries hold it. The entries keep the
+        # text alive, so its id is stable while it is counted.
+        self._refs: dict[int, int] = {}
 
     def __repr__(self) -> str:
-        return f"<QueueTotal {self.nbytes}B>"
+        return f"<QueueTotal {self.nbytes}B {len(self._refs)} texts>"
+
+    def holds(self, text: str) -> bool:
+        """True if some outbox already holds this very text (queueing it adds no memory)."""
+        return id(text) in self._refs
+
+    def hold(self, text: str, nbytes: int) -> None:
+        """Count one more queue entry holding ``text`` (of ``nbytes``)."""
+        refs = self._refs
+        key = id(text)
+        count = refs.get(key)
+        if count is None:
+            refs[key] = 1
+            self.nbytes += nbytes
+        else:
+            refs[key] = count + 1
+
+    def release(self, text: str, nbytes: int) -> None:
+        """Count one queue entry fewer holding ``text``."""
+        refs = self._refs
+        key = id(text)
+        count = refs[key]
+        if count == 1:
+            del refs[key]
+            self.nbytes -= nbytes
+        else:
+            refs[key] = count - 1
 
 
 # The queue of an empty outbox: shared and never appended to (an empty deque
@@ -248,9 +281,11 @@ class Outbox:
                     burst and self._may_burst(message, grown - self.nbytes, 0)
                 ):
                     return self._refuse(message)
+                total = self._total
+                total.hold(message.text, message.nbytes)
+                total.release(slot.text, slot.nbytes)
                 slot.text = message.text
                 slot.nbytes = message.nbytes
-                self._total.nbytes += grown - self.nbytes
                 self.nbytes = grown
                 return PushResult.COALESCED
         nbytes = message.nbytes
@@ -270,7 +305,7 @@ class Outbox:
             queue.append(slot)
             self._keyed[key] = slot
         self.nbytes += nbytes
-        self._total.nbytes += nbytes
+        self._total.hold(message.text, nbytes)
         return PushResult.QUEUED
 
     def _may_burst(self, message: OutboundMessage, growth: int, count: int) -> bool:
@@ -280,7 +315,7 @@ class Outbox:
             message.delivery is Delivery.DURABLE
             and self.nbytes + growth <= self.burst_bytes
             and len(self._queue) + count <= self.burst_messages
-            and self._total.nbytes + growth <= self._max_total
+            and (self._total.nbytes + growth <= self._max_total or self._total.holds(message.text))
         )
 
     def _refuse(self, message: OutboundMessage) -> PushResult:
@@ -307,13 +342,14 @@ class Outbox:
         queue = self._queue
         if not queue:
             return None
+        total = self._total
         first = queue.popleft()
         if first.key is not None:
             self._forget(first)
+        total.release(first.text, first.nbytes)
         if not queue:
             self._queue = _EMPTY
             self.nbytes -= first.nbytes
-            self._total.nbytes -= first.nbytes
             return first.text
         texts = [first.text]
         size = first.nbytes
@@ -324,23 +360,24 @@ class Outbox:
             queue.popleft()
             if slot.key is not None:
                 self._forget(slot)
+            total.release(slot.text, slot.nbytes)
             texts.append(slot.text)
             size += 1 + slot.nbytes
         if not queue:
             self._queue = _EMPTY
-        taken = size - (len(texts) - 1)
-        self.nbytes -= taken
-        self._total.nbytes -= taken
+        self.nbytes -= size - (len(texts) - 1)
         return "\n".join(texts)
 
     def clear(self) -> int:
         """Discard everything queued; returns how many messages were discarded."""
-        n = len(self._queue)
+        queue = self._queue
+        release = self._total.release
+        for slot in queue:
+            release(slot.text, slot.nbytes)
         self._queue = _EMPTY
         self._keyed.clear()
-        self._total.nbytes -= self.nbytes
         self.nbytes = 0
-        return n
+        return len(queue)
 
     def _forget(self, slot: _Slot | OutboundMessage) -> None:
         key = slot.key
