@@ -21,13 +21,15 @@ from chatcore import (
     Connection,
     ConnectionState,
     Delivery,
+    HandshakeRequest,
     Hub,
+    HubConfig,
     PushResult,
     encode,
     serve_connection,
 )
 from chatcore._pacer import MAX_PASSES, WATCH_INTERVAL, pacer
-from chatcore.testing import open_test_client
+from chatcore.testing import TestClient, open_test_client, open_test_clients
 from chatcore.transports import CloseFrame, TextFrame, memory_stream_pair
 
 
@@ -428,3 +430,63 @@ async def test_connection_churn_cannot_grow_the_heartbeat_heap(
             client.vanish()
             await conn.wait_closed()
             assert run_pacer.statistics().heartbeats - base <= 65
+
+
+async def test_a_burst_of_large_messages_closes_only_the_client_that_never_reads(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The burst that used to close every reader: 64 messages of ~60 KB, then
+    2,000 small ones, from a client, to a room of 20 readers and one member
+    that never reads. Every reader and the publisher get everything; the
+    never-reader is closed as a slow consumer once its socket took nothing
+    for slow_consumer_timeout."""
+    cfg = config()  # the default outbox bounds and timeouts
+    hub = Hub(
+        config=HubConfig(publish_rate=1e9, publish_burst=100_000),
+        connection_config=cfg,
+        authenticate=_user_from_query,
+    )
+    big, small = 64, 2_000
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        stream, wire = memory_stream_pair(HandshakeRequest("/ws", "user=stuck"), capacity=1)
+        stuck: Connection = await nursery.start(
+            lambda task_status: serve_connection(stream, hub, task_status=task_status)
+        )
+        await wire.wait_accepted()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await hub.join(stuck.id, "room")
+        async with open_test_clients(hub, [f"r{i}" for i in range(20)]) as readers:
+            for reader in readers:
+                await reader.join("room")
+            publisher = readers[0]
+
+            async def publish_all() -> None:
+                for n in range(big + small):
+                    pad = "x" * 60_000 if n < big else "y"
+                    await publisher.send({"type": "publish", "room": "room", "data": [n, pad]})
+
+            async def read_all_messages(reader: TestClient, got: list[int]) -> None:
+                while len(got) < big + small:
+                    message = await reader.receive()
+                    if message["type"] == "message":
+                        got.append(message["data"][0])
+
+            received: list[list[int]] = [[] for _ in readers]
+            with trio.fail_after(120):
+                async with trio.open_nursery() as clients:
+                    clients.start_soon(publish_all)
+                    for reader, got in zip(readers, received, strict=True):
+                        clients.start_soon(read_all_messages, reader, got)
+            assert all(got == list(range(big + small)) for got in received)
+            assert all(reader.closed is None for reader in readers)
+            with trio.fail_after(cfg.slow_consumer_timeout + cfg.send_timeout):
+                record = await stuck.wait_closed()
+            assert record == CloseRecord(4001, "slow consumer", CloseCause.SLOW_CONSUMER)
+            assert hub.statistics().slow_consumer_disconnects == 1
+        nursery.cancel_scope.cancel()
+
+
+async def _user_from_query(request: HandshakeRequest) -> str:
+    await trio.lowlevel.checkpoint()
+    return request.query["user"]
