@@ -103,15 +103,17 @@ class Beat:
         due: When the pacer calls the owner back.
         ping_sent: True between a ping and the check of its answer.
         pinged_at: When the last ping was sent.
+        queued: True while it is in the pacer's heap.
     """
 
-    __slots__ = ("due", "owner", "ping_sent", "pinged_at")
+    __slots__ = ("due", "owner", "ping_sent", "pinged_at", "queued")
 
     def __init__(self, owner: Paced, due: float) -> None:
         self.owner: Paced | None = owner
         self.due = due
         self.ping_sent = False
         self.pinged_at = due
+        self.queued = False
 
     def __repr__(self) -> str:
         state = "detached" if self.owner is None else ("check" if self.ping_sent else "ping")
@@ -229,6 +231,7 @@ class Pacer:
     def schedule(self, beat: Beat, due: float) -> None:
         """Schedule ``beat`` (not in the heap now) to call its owner back at ``due``."""
         beat.due = due
+        beat.queued = True
         heap = self._beats
         if not heap or due < heap[0].due:
             self._beat_lot.unpark()
@@ -237,6 +240,8 @@ class Pacer:
     def detach(self, beat: Beat) -> None:
         """Forget ``beat``'s connection (it closed); compact the heap if need be."""
         beat.owner = None
+        if not beat.queued:
+            return  # out of the heap already (its last callback closed it)
         self._detached += 1
         heap = self._beats
         if self._detached > 64 and 2 * self._detached > len(heap):
@@ -259,6 +264,7 @@ class Pacer:
                     await self._beat_lot.park()
                 continue
             heapq.heappop(heap)
+            beat.queued = False
             owner = beat.owner
             if owner is None:
                 self._detached -= 1

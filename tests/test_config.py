@@ -49,3 +49,15 @@ def test_inconsistent_bounds_are_refused() -> None:
         HubConfig(reconnect_min_ms=2000, reconnect_max_ms=1000)
     with pytest.raises(TypeError, match="inbox_size must be an int"):
         Config(inbox_size=2.5)  # type: ignore[arg-type]
+
+
+def test_burst_bounds_below_the_budget_are_refused() -> None:
+    with pytest.raises(ValueError, match="outbox_burst_bytes must not be below outbox_max_bytes"):
+        Config(outbox_max_bytes=2_048, outbox_burst_bytes=1_024, batch_max_bytes=1_024)
+    with pytest.raises(
+        ValueError, match="outbox_burst_messages must not be below outbox_max_messages"
+    ):
+        Config(outbox_max_messages=100, outbox_burst_messages=99)
+    with pytest.raises(ValueError, match=r"Config\.batch_delay must be >= 0"):
+        Config(batch_delay=-0.001)
+    assert Config(batch_delay=0).batch_delay == 0  # 0 turns batching of wake-ups off
