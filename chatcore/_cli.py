@@ -26,6 +26,8 @@ logger = logging.getLogger("chatcore.cli")
 
 #: ``chatcore serve``'s default for permessage-deflate (see docs/deploy.md).
 DEFAULT_COMPRESSION = False
+#: The engines of ``chatcore serve --engine`` (hypercorn is the default).
+ENGINES = ("hypercorn", "lean")
 
 
 def load_target(spec: str) -> object:
@@ -154,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(bounds sends to stalled clients; default %(default)s, 0 = kernel default)",
     )
     serve.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="hypercorn",
+        help="the HTTP/WebSocket server: hypercorn's trio worker (default), or lean: "
+        "h11 + wsproto on plain sockets, less CPU per frame and memory per connection, "
+        "no TLS or compression (see docs/deploy.md)",
+    )
+    serve.add_argument(
         "--compression",
         action=argparse.BooleanOptionalAction,
         default=DEFAULT_COMPRESSION,
@@ -241,6 +251,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         "--tcp-user-timeout",
         str(args.tcp_user_timeout),
         "--compression" if args.compression else "--no-compression",
+        "--engine",
+        args.engine,
         "--access-log" if args.access_log else "--no-access-log",
         "--gc-tuning" if args.gc_tuning else "--no-gc-tuning",
         *(["--unready-when-degraded"] if args.unready_when_degraded else []),
@@ -298,6 +310,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     )
     if args.unready_when_degraded:
         app.unready_when_degraded = True
+    if args.engine == "lean" and args.compression:
+        raise SystemExit("chatcore: the lean engine does not offer compression")
     try:
         _serve.set_compression(args.compression)
     except RuntimeError as exc:
@@ -311,6 +325,7 @@ def _serve_command(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             worker=True,
             gc_tuning=args.gc_tuning,
+            engine=args.engine,
         )
     binds = args.bind or [("127.0.0.1", 8000)]
     if args.workers > 1 and len(binds) > 1:
@@ -325,7 +340,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     logger.info(
         "%s on %s: compression %s, drain grace %.1f s, TCP_USER_TIMEOUT %s",
         type(app.handler).__name__,
-        "hypercorn (trio worker)",
+        "hypercorn (trio worker)" if args.engine == "hypercorn" else "the lean engine",
         "on" if args.compression else "off",
         args.drain_grace,
         f"{args.tcp_user_timeout:g} s" if args.tcp_user_timeout else "kernel default",
@@ -337,6 +352,7 @@ def _serve_command(args: argparse.Namespace) -> int:
             drain_grace=args.drain_grace,
             access_log=args.access_log,
             gc_tuning=args.gc_tuning,
+            engine=args.engine,
         )
     # A handler with a shared backplane (a hub on Redis) spans the workers.
     backplane = getattr(app.handler, "backplane", None)

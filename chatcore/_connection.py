@@ -180,7 +180,9 @@ class Connection:
         "_close_deadline",
         "_closed",
         "_coalesced",
+        "_direct",
         "_done",
+        "_flush_due",
         "_flushed",
         "_frame_started",
         "_frames_sent",
@@ -244,8 +246,15 @@ class Connection:
         self._marked = False
         # The pacer woke the writer: what is queued goes out now.
         self._flushed = False
-        # The writer is parked on an empty outbox (a push must wake it).
+        # The writer is parked, with no frame in flight (a push must wake it,
+        # or, on a direct-send transport, the pacer writes for it).
         self._writer_idle = False
+        # The transport writes without a task switch: the pacer's flush
+        # writes this connection's frames itself (see _write_now).
+        self._direct = transport.direct_send
+        # A direct write left bytes in the transport: the writer must wait
+        # for the socket (under the send deadlines) before anything else.
+        self._flush_due = False
         self._batch_delay = config.batch_delay
         # When the frame being sent started (the slow-consumer clock).
         self._frame_started = 0.0
@@ -387,11 +396,46 @@ class Connection:
             scope.cancel()
 
     def _wake_writer(self) -> None:
-        """The pacer's call after a burst: wake the writer if it is parked."""
+        """The pacer's call after a burst: write now, or wake the writer if it is parked."""
         self._marked = False
+        if (
+            self._direct
+            and self._writer_idle
+            and not self._flush_due
+            and self._arbiter.state is ConnectionState.OPEN
+        ):
+            self._write_now()
+            return
         self._flushed = True
         if self._writer_lot:
             self._writer_lot.unpark()
+
+    def _write_now(self) -> None:
+        """Write what is queued from the pacer's flush, with no task switch.
+
+        Only while the writer is parked with no frame in flight, so frames
+        keep their order. Whatever the socket does not take now stays in the
+        transport, ahead of later frames; the writer then waits for the
+        socket under the usual send deadlines (``_flush_due``).
+        """
+        outbox = self._outbox
+        cfg = self.config
+        transport = self._transport
+        try:
+            while len(outbox):
+                frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
+                assert frame is not None
+                complete = transport.send_nowait(frame)
+                self._frames_sent += 1
+                self._bytes_sent += len(frame)
+                if not complete:
+                    self._flush_due = True
+                    self._writer_lot.unpark()
+                    break
+        except PeerGone as exc:
+            self._peer_gone(exc)  # wakes the writer, which ends the connection
+        if self._room_lot:
+            self._room_lot.unpark_all()
 
     def outbox_room(self) -> tuple[int, int]:
         """How much the outbox can take within its budget now: ``(bytes, messages)``."""
@@ -720,6 +764,22 @@ class Connection:
         try:
             with stalled:
                 while self._arbiter.state is ConnectionState.OPEN:
+                    if self._flush_due:
+                        # A direct write left bytes in the transport: they
+                        # go out before any other frame, under the deadlines.
+                        self._flush_due = False
+                        self._frame_started = now()
+                        self._send_scope = stalled
+                        sending.add(self)
+                        try:
+                            await transport.flush()
+                        except PeerGone as exc:
+                            self._peer_gone(exc)
+                            return
+                        finally:
+                            self._send_scope = None
+                            sending.discard(self)
+                        continue
                     if not len(outbox):
                         self._writer_idle = True
                         try:
@@ -740,7 +800,11 @@ class Connection:
                         if not self._marked:
                             self._marked = True
                             self._pacer.mark(self, delay)
-                        await self._writer_lot.park()
+                        self._writer_idle = True
+                        try:
+                            await self._writer_lot.park()
+                        finally:
+                            self._writer_idle = False
                         continue
                     self._flushed = False
                     frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)

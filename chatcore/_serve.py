@@ -449,8 +449,12 @@ def run_until_shutdown(
     access_log: bool = True,
     worker: bool = False,
     gc_tuning: bool = True,
+    engine: str = "hypercorn",
 ) -> int:
     """Run :func:`serve` in a fresh trio loop: the body of ``chatcore serve``.
+
+    ``engine="lean"`` runs :func:`chatcore._lean_serve.serve_lean` instead of
+    hypercorn (the same shutdown sequence; see ``docs/deploy.md``).
 
     Prints ``chatcore: serving on ws://…`` per socket once listening (unless
     ``worker``: the supervisor printed it) and takes SIGTERM and SIGINT (a
@@ -472,9 +476,12 @@ def run_until_shutdown(
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+            serve_function: Any = serve
+            if engine == "lean":
+                from ._lean_serve import serve_lean as serve_function
             server: Server = await nursery.start(
                 functools.partial(
-                    serve,
+                    serve_function,
                     app,
                     sockets,
                     drain_grace=drain_grace,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import abc
 
+import trio
+
 from .sansio import HandshakeRequest, LocalProtocolError
 
 __all__ = ["MessageStream"]
@@ -104,6 +106,37 @@ class MessageStream(abc.ABC):
     @abc.abstractmethod
     async def abort(self) -> None:
         """Drop the link at once, without a close handshake. Idempotent; never raises."""
+
+    #: True if :meth:`send_nowait` writes without a task switch; the connection
+    #: actor then writes batched frames straight from the pacer (the lean
+    #: engine's :class:`~chatcore.transports.LeanStream`).
+    direct_send: bool = False
+
+    def send_nowait(self, text: str) -> bool:
+        """Write one text frame now, without waiting (only if :attr:`direct_send`).
+
+        Whatever the link does not take now stays in the stream, in order,
+        ahead of every later frame; :meth:`flush` waits until it is written.
+
+        Returns:
+            True if the whole frame was written; False if part of it waits.
+
+        Raises:
+            PeerGone: the link is gone, broken, or closing.
+            NotImplementedError: this transport has no direct writes.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no direct writes")
+
+    async def flush(self) -> None:
+        """Wait until everything :meth:`send_nowait` left waiting is written.
+
+        Raises:
+            PeerGone: the link is gone or broke meanwhile.
+
+        Cancellation: if bytes were still waiting, the stream is broken (as
+        for a cancelled :meth:`send`).
+        """
+        await trio.lowlevel.checkpoint()
 
     def server_stopping(self) -> None:  # noqa: B027  (optional: most transports need nothing)
         """The connection actor was cancelled from outside: the server is stopping.

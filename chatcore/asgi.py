@@ -200,6 +200,16 @@ class ASGIApp:
         self._config = value
 
     @property
+    def served(self) -> ConnectionHandler:
+        """What each connection runs: the handler, or a tracking wrapper of it.
+
+        A server that serves WebSockets without ASGI (the lean engine) runs
+        its connections on this, so they are counted and drained like the
+        ASGI ones.
+        """
+        return self._serving
+
+    @property
     def retry_after(self) -> int:
         """Seconds announced in ``Retry-After`` when refusing during a drain."""
         if self._retry_after is not None:

@@ -22,6 +22,7 @@ from chatcore.testing import (
     TransportPeer,
     WebSocketPeer,
     check_message_stream,
+    open_lean_pair,
     open_memory_pair,
     open_trio_websocket_pair,
 )
@@ -36,6 +37,11 @@ async def test_memory_transport(check: str, autojump_clock: trio.testing.MockClo
 @pytest.mark.parametrize("check", MESSAGE_STREAM_CHECKS)
 async def test_trio_websocket_transport(check: str) -> None:
     await check_message_stream(open_trio_websocket_pair, checks=[check], check_timeout=5)
+
+
+@pytest.mark.parametrize("check", MESSAGE_STREAM_CHECKS)
+async def test_lean_transport(check: str) -> None:
+    await check_message_stream(open_lean_pair, checks=[check], check_timeout=5)
 
 
 async def test_whole_suite_in_one_call(autojump_clock: trio.testing.MockClock) -> None:

@@ -39,6 +39,7 @@ from ._client import open_test_clients as open_test_clients
 from ._conformance import MESSAGE_STREAM_CHECKS as MESSAGE_STREAM_CHECKS
 from ._conformance import PairFactory as PairFactory
 from ._conformance import check_message_stream as check_message_stream
+from ._conformance import open_lean_pair as open_lean_pair
 from ._conformance import open_memory_pair as open_memory_pair
 from ._conformance import open_trio_websocket_pair as open_trio_websocket_pair
 from ._peers import MemoryPeer as MemoryPeer
@@ -58,6 +59,7 @@ __all__ = [
     "WebSocketPeer",
     "check_backplane",
     "check_message_stream",
+    "open_lean_pair",
     "open_memory_pair",
     "open_test_client",
     "open_test_clients",

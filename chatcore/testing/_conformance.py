@@ -28,6 +28,7 @@ from .._config import Config
 from .._exceptions import HandshakeRejected, LocalProtocolError, PeerGone, RemoteProtocolError
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest
+from ..transports._lean import LeanStream, drop_socket, read_request_head
 from ..transports._memory import CloseFrame, TextFrame, memory_stream_pair
 from ..transports._trio_websocket import open_trio_websocket_stream
 from ._peers import Frame, MemoryPeer, TransportPeer, WebSocketPeer
@@ -36,6 +37,7 @@ __all__ = [
     "MESSAGE_STREAM_CHECKS",
     "PairFactory",
     "check_message_stream",
+    "open_lean_pair",
     "open_memory_pair",
     "open_trio_websocket_pair",
 ]
@@ -137,6 +139,62 @@ async def open_trio_websocket_pair(
         async with open_trio_websocket_stream(server_stream, config=config) as server:
             yield server, peer
     finally:
+        await peer.aclose()
+
+
+@asynccontextmanager
+async def open_lean_pair(
+    *,
+    target: str = "/",
+    headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
+    config: Config | None = None,
+    buffer_size: int | None = 65_536,
+) -> AsyncIterator[tuple[MessageStream, TransportPeer]]:
+    """A :class:`PairFactory` for the lean engine's transport over loopback TCP.
+
+    The server side is a :class:`~chatcore.transports.LeanStream` on the
+    accepted socket; the client is a :class:`WebSocketPeer`.
+
+    Args:
+        target: Path and query string of the handshake.
+        headers: Extra handshake headers.
+        subprotocols: Offered subprotocols.
+        config: The server's bounds (default :class:`~chatcore.Config` ``()``).
+        buffer_size: Kernel buffer sizes (client receive, server send), as
+            for :func:`open_trio_websocket_pair`; ``None`` keeps the defaults.
+    """
+    cfg = config or Config()
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        peer = await WebSocketPeer.connect(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            target,
+            headers=headers,
+            subprotocols=subprotocols,
+            receive_buffer=buffer_size,
+        )
+        await trio.lowlevel.wait_readable(listener)
+        sock, _ = listener.accept()
+    finally:
+        drop_socket(listener, graceful=True)
+    sock.setblocking(False)
+    if buffer_size is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
+    try:
+        with trio.fail_after(cfg.handshake_timeout):
+            head = await read_request_head(sock)
+        server = LeanStream(sock, head, cfg.max_message_bytes)
+        try:
+            yield server, peer
+        finally:
+            await server.abort()
+    finally:
+        drop_socket(sock, graceful=False)
         await peer.aclose()
 
 

@@ -1,0 +1,432 @@
+"""The lean engine: ``chatcore serve --engine lean``, an ASGIApp served without hypercorn.
+
+Theory of operation
+-------------------
+
+hypercorn is ``chatcore serve``'s default engine. Through it every frame
+costs a task switch to hypercorn's connection task, Trio's socket wrapper
+and hypercorn's ASGI send path; under a steady fan-out load (hundreds of
+receivers, a hundred messages a second) that per-frame cost, not chatcore,
+saturates a core. The lean engine serves the same :class:`~chatcore.asgi.ASGIApp`
+on the same protocol libraries (h11 for HTTP, wsproto for frames) with the
+socket owned by the connection's transport (:class:`~chatcore.transports.LeanStream`):
+the pacer writes the batched frames of every ready connection in one pass
+with a non-blocking ``send()`` each, and a task waits for the socket only
+when the kernel's buffer is full.
+
+What it serves, per accepted TCP connection (one task, which becomes the
+connection's actor):
+
+* a WebSocket handshake on ``app.path``: a chatcore connection (the app's
+  handler and :attr:`ASGIApp.config <chatcore.asgi.ASGIApp.config>`); on
+  another path 404, while draining 503 with ``Retry-After``, a malformed
+  handshake 400 (426 for a WebSocket version other than 13);
+* any other HTTP request: one ASGI ``http`` call of the app (``/healthz``,
+  ``/chatcore.js``, the app's ``http_app``), the body read first (at most
+  :data:`MAX_BODY_BYTES`), one request per connection (``Connection: close``).
+
+It keeps what ``chatcore serve`` promises on hypercorn: the handler's
+background work runs for the server's life (what the ASGI lifespan does
+there); SIGTERM/SIGINT refuse new handshakes with 503 and drain within the
+grace (:meth:`ASGIApp.drain <chatcore.asgi.ASGIApp.drain>`), then stop
+accepting, give HTTP requests in flight :data:`~chatcore._serve.SHUTDOWN_GRACE`
+and cancel what is left (each connection still closes with 1012, shielded and
+bounded); a second signal skips the waiting. Workers, the listening socket
+(with ``TCP_USER_TIMEOUT``) and the GC tuning are ``chatcore serve``'s own.
+What it does not do: TLS, HTTP/2, keep-alive for plain HTTP, permessage-deflate
+(never negotiated).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import signal
+import socket
+from collections.abc import Sequence
+from urllib.parse import unquote
+
+import attrs
+import h11
+import trio
+
+from ._connection import serve_connection
+from ._exceptions import PeerGone
+from ._server import _firewall
+from .asgi import ASGIApp
+from .transports._asgi_stream import ASGIMessage
+from .transports._lean import (
+    HeadRefused,
+    HandshakeHead,
+    LeanStream,
+    drop_socket,
+    read_request_head,
+    respond,
+    write_all,
+)
+
+__all__ = ["MAX_BODY_BYTES", "LeanServer", "serve_lean"]
+
+logger = logging.getLogger("chatcore.serve")
+access_logger = logging.getLogger("chatcore.access")
+
+#: Largest HTTP request body read for the app (larger: 413).
+MAX_BODY_BYTES = 1 << 20
+#: Seconds a plain HTTP request may take to arrive whole, and to be answered.
+HTTP_TIMEOUT = 30.0
+#: Seconds after the response to read what the client still sends before the
+#: socket closes (closing with unread input would reset the response away).
+LINGER_SECONDS = 1.0
+# accept() errors that mean "out of resources now": wait and retry, as trio does.
+_ACCEPT_PAUSE_ERRNOS = frozenset(
+    code
+    for name in ("EMFILE", "ENFILE", "ENOMEM", "ENOBUFS")
+    if (code := getattr(errno, name, None)) is not None
+)
+_ACCEPT_BATCH = 64
+_BAD_HEAD = b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+@attrs.define(eq=False)
+class LeanServer:
+    """A running :func:`serve_lean` (its ``task_status`` value).
+
+    Attributes:
+        app: The application being served.
+        urls: The WebSocket URLs served (one per listening socket).
+        clients: TCP connections being served now (WebSocket or HTTP).
+    """
+
+    app: ASGIApp
+    urls: tuple[str, ...]
+    clients: int = attrs.field(default=0, init=False)
+    # Set by the first shutdown request.
+    _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # The drain in progress (a second request cancels it).
+    _drain_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    # Every client task (a second request during the grace cancels it).
+    _clients_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    # Woken when the last client task ends.
+    _idle_lot: trio.lowlevel.ParkingLot = attrs.field(
+        factory=trio.lowlevel.ParkingLot, init=False
+    )
+    _requests: int = attrs.field(default=0, init=False)
+
+    def __repr__(self) -> str:
+        state = "stopping" if self._requests else "serving"
+        return f"<LeanServer {' '.join(self.urls)} {state} clients={self.clients}>"
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once a shutdown was requested."""
+        return self._requests > 0
+
+    def request_shutdown(self) -> None:
+        """Like SIGTERM: the first call drains gracefully, a second skips the waiting."""
+        self._requests += 1
+        if self._requests == 1:
+            self._shutdown.set()
+            return
+        logger.warning("second shutdown request: closing everything now")
+        self._drain_scope.cancel()
+        self._clients_scope.cancel()
+
+    async def _watch_signals(self, signals: Sequence[int]) -> None:
+        with trio.open_signal_receiver(*signals) as received:
+            # A worker starts with SIGTERM blocked (see chatcore._serve.run_workers).
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            async for signum in received:
+                logger.info("received %s", signal.Signals(signum).name)
+                self.request_shutdown()
+
+    async def _accept(
+        self, sock: socket.socket, nursery: trio.Nursery, access_log: bool
+    ) -> None:
+        """Accept clients on ``sock`` until cancelled, each in a task of ``nursery``."""
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    client, _ = sock.accept()
+                except (BlockingIOError, InterruptedError):
+                    break  # another worker process took it, or none left
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_PAUSE_ERRNOS:
+                        logger.error("accept failed (%s); pausing 0.1 s", errno.errorcode[exc.errno])
+                        await trio.sleep(0.1)
+                        break
+                    if exc.errno == errno.ECONNABORTED:
+                        continue
+                    raise
+                client.setblocking(False)
+                try:
+                    client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                except OSError:
+                    pass  # reset already; the first read will say so
+                self.clients += 1
+                nursery.start_soon(self._serve_client, client, access_log)
+
+    async def _serve_client(self, sock: socket.socket, access_log: bool) -> None:
+        """One TCP client, behind an exception firewall; the socket is closed at the end."""
+        app = self.app
+        cfg = app.config
+        head: HandshakeHead | None = None
+        try:
+            with trio.move_on_after(cfg.handshake_timeout):
+                head = await read_request_head(sock)
+            if head is None:
+                return  # no whole request in time: dropped
+            if head.websocket_upgrade:
+                await self._serve_websocket(sock, head, access_log)
+            else:
+                await _serve_http(app, sock, head, access_log)
+        except PeerGone:
+            pass
+        except HeadRefused as exc:
+            phrase = h11_reason(exc.status)
+            await write_all(sock, _BAD_HEAD % (exc.status, phrase))
+        except BaseException as exc:
+            _firewall(exc, head.client if head else None)
+        finally:
+            drop_socket(sock, graceful=False)  # a no-op if already closed
+            self.clients -= 1
+            if not self.clients:
+                self._idle_lot.unpark_all()
+
+    async def _serve_websocket(self, sock: socket.socket, head: HandshakeHead, log: bool) -> None:
+        app = self.app
+        fault = head.handshake_fault()
+        if fault is not None:
+            status, text = fault
+            extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
+            await respond(sock, head.connection, status, text.encode() + b"\n", extra)
+            _log_access(log, head, status)
+            return
+        stream = LeanStream(sock, head, app.config.max_message_bytes)
+        try:
+            if stream.request.path != app.path:
+                await stream.reject(404, body=b"not found")
+                _log_access(log, head, 404)
+            elif app.draining:
+                await stream.reject(
+                    503,
+                    body=b"server is draining; reconnect shortly",
+                    headers=(("retry-after", str(app.retry_after)),),
+                )
+                _log_access(log, head, 503)
+            else:
+                _log_access(log, head, 101)
+                await serve_connection(stream, app.served, config=app.config)
+        finally:
+            await stream.abort()
+
+    async def _wait_idle(self) -> None:
+        while self.clients:
+            await self._idle_lot.park()
+
+
+def h11_reason(status: int) -> bytes:
+    """The reason phrase of an HTTP status (``b""`` for an unknown one)."""
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _log_access(enabled: bool, head: HandshakeHead, status: int) -> None:
+    if enabled:
+        request = head.request
+        client = f"{head.client[0]}:{head.client[1]}" if head.client else "-"
+        # %r: the target is the client's text; it reaches the log escaped.
+        access_logger.info(
+            "%s %s %r %d", client, request.method.decode("latin-1"), request.target, status
+        )
+
+
+async def _serve_http(app: ASGIApp, sock: socket.socket, head: HandshakeHead, log: bool) -> None:
+    """One plain HTTP request: the app's ASGI ``http`` call, then close."""
+    connection = head.connection
+    request = head.request
+    body: list[bytes] = []
+    size = 0
+    with trio.move_on_after(HTTP_TIMEOUT) as timer:
+        while True:
+            event = connection.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    connection.receive_data(await _read(sock))
+                except (OSError, trio.ClosedResourceError):
+                    return
+                continue
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > MAX_BODY_BYTES:
+                    await respond(sock, connection, 413, b"request body too large\n")
+                    _log_access(log, head, 413)
+                    return
+                body.append(bytes(event.data))
+                continue
+            if isinstance(event, h11.EndOfMessage):
+                break
+            return  # the client left
+    if timer.cancelled_caught:
+        return
+    target = request.target
+    raw_path, _, query = target.partition(b"?")
+    try:
+        local = sock.getsockname()
+        server: tuple[str, int] | None = (str(local[0]), int(local[1]))
+    except OSError:
+        server = None
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": request.method.decode("latin-1"),
+        "scheme": "http",
+        "path": unquote(raw_path.decode("latin-1")),
+        "raw_path": raw_path,
+        "query_string": query,
+        "root_path": "",
+        "headers": [(bytes(name), bytes(value)) for name, value in request.headers],
+        "client": head.client,
+        "server": server,
+    }
+    answered = trio.Event()
+    delivered = False
+    status = 500
+
+    async def receive() -> ASGIMessage:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": b"".join(body), "more_body": False}
+        await answered.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: ASGIMessage) -> None:
+        nonlocal status
+        kind = message.get("type")
+        if kind == "http.response.start":
+            status = int(message["status"])
+            headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+            headers.append((b"connection", b"close"))
+            data = connection.send(h11.Response(status_code=status, headers=headers))
+        elif kind == "http.response.body":
+            data = b""
+            chunk = bytes(message.get("body", b""))
+            if chunk and request.method != b"HEAD":
+                data = connection.send(h11.Data(data=chunk)) or b""
+            if not message.get("more_body", False):
+                data += connection.send(h11.EndOfMessage()) or b""
+                answered.set()
+        else:
+            raise ValueError(f"unexpected ASGI message {kind!r} for an HTTP request")
+        if data and not await write_all(sock, data):
+            raise OSError("the client left")
+
+    with trio.move_on_after(HTTP_TIMEOUT):
+        try:
+            await app(scope, receive, send)
+        except OSError:
+            return
+        except Exception:
+            logger.exception("HTTP %r: the application raised", target[:200])
+            if connection.our_state is h11.SEND_RESPONSE:
+                await respond(sock, connection, 500, b"internal error\n")
+            status = 500
+    _log_access(log, head, status)
+    if not answered.is_set():
+        return  # incomplete response: reset
+    await _linger_close(sock)
+
+
+async def _read(sock: socket.socket) -> bytes:
+    while True:
+        try:
+            return sock.recv(65_536)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+
+
+async def _linger_close(sock: socket.socket) -> None:
+    """FIN, then read what the client still sends (bounded), then close."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(LINGER_SECONDS):
+            while await _read(sock):
+                pass
+    except (OSError, trio.ClosedResourceError):
+        pass
+    drop_socket(sock, graceful=True)
+
+
+async def serve_lean(
+    app: ASGIApp,
+    sockets: Sequence[socket.socket],
+    *,
+    drain_grace: float,
+    access_log: bool = True,
+    signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT),
+    task_status: trio.TaskStatus[LeanServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on the lean engine until shut down, then drain (see the module docs).
+
+    The counterpart of :func:`chatcore._serve.serve` (hypercorn): the same
+    shutdown sequence, the same sockets (they stay open; the caller made them).
+
+    Args:
+        app: The application.
+        sockets: Listening sockets, non-blocking (:func:`~chatcore._serve.create_listening_socket`).
+        drain_grace: Seconds the drain may take after the shutdown request.
+        access_log: Log every request and handshake to ``chatcore.access``.
+        signals: Signals that request the shutdown (``()``: none).
+        task_status: Started with the :class:`LeanServer` once listening.
+
+    Raises:
+        Exception: whatever the handler's background work raises at start.
+
+    Cancellation: stops at once; each open connection still gets a 1012
+    close frame (its actor's shielded, bounded close).
+    """
+    from ._serve import SHUTDOWN_GRACE, websocket_url
+
+    server = LeanServer(app, tuple(websocket_url(sock, app.path) for sock in sockets))
+    async with trio.open_nursery() as nursery:
+        if signals:
+            nursery.start_soon(server._watch_signals, signals)
+        # The handler's background work (what the ASGI lifespan runs on hypercorn).
+        await nursery.start(app.served.run)
+        with server._clients_scope:
+            async with trio.open_nursery() as clients:
+                accepting = trio.CancelScope()
+
+                async def accept_all() -> None:
+                    with accepting:
+                        async with trio.open_nursery() as acceptors:
+                            for sock in sockets:
+                                acceptors.start_soon(server._accept, sock, clients, access_log)
+
+                clients.start_soon(accept_all)
+                task_status.started(server)
+                await server._shutdown.wait()
+                start = trio.current_time()
+                logger.info(
+                    "shutting down: refusing new connections, draining %d within %.1f s",
+                    app.health().connections,
+                    drain_grace,
+                )
+                with server._drain_scope:
+                    left = await app.drain(drain_grace)
+                    logger.info(
+                        "drain finished in %.2f s; %d connection(s) left",
+                        trio.current_time() - start,
+                        left,
+                    )
+                accepting.cancel()
+                with trio.move_on_after(SHUTDOWN_GRACE):
+                    await server._wait_idle()
+                clients.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
