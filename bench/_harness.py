@@ -53,9 +53,16 @@ ROOM = "bench"
 HEARTBEAT = "3600"
 
 #: Every server kind, in the order tables list them.
-SERVERS = ("chatcore-serve", "chatcore-trio-ws", "websockets", "raw-trio-ws", "raw-hypercorn")
+SERVERS = (
+    "chatcore-serve",
+    "chatcore-lean",
+    "chatcore-trio-ws",
+    "websockets",
+    "raw-trio-ws",
+    "raw-hypercorn",
+)
 #: The kinds that answer ``GET /burst?count=K`` (server-side bursts).
-BURST_SERVERS = ("chatcore-serve", "websockets", "raw-hypercorn")
+BURST_SERVERS = ("chatcore-serve", "chatcore-lean", "websockets", "raw-hypercorn")
 
 
 # -- limits, CPU and memory ---------------------------------------------------
@@ -351,8 +358,10 @@ def start_server(
         target: ``chatcore serve``'s target (default ``chatcore_app:app``).
     """
     deadline = time.monotonic() + timeout
-    if kind == "chatcore-serve":
+    if kind in ("chatcore-serve", "chatcore-lean"):
         argv = [PYTHON, "-m", "chatcore", "serve", target or "chatcore_app:app"]
+        if kind == "chatcore-lean":
+            argv += ["--engine", "lean"]
         argv += ["--bind", "127.0.0.1:0", "--no-access-log", "--log-level", "WARNING"]
         argv += ["--heartbeat-interval", HEARTBEAT, "--heartbeat-timeout", HEARTBEAT]
         argv += ["--drain-grace", "1", *serve_args]

@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from chatcore import HandshakeRejected, PeerGone
+from chatcore._cli import ENGINES
 from chatcore.testing import TestClient, WebSocketPeer, open_test_client
 from chatcore.transports import CloseFrame
 
@@ -59,12 +60,16 @@ class ServerProcess:
 
 @asynccontextmanager
 async def chatcore_serve(
-    target: str, *options: str, tmp_path: Path, command: Sequence[str] | None = None
+    target: str,
+    *options: str,
+    tmp_path: Path,
+    command: Sequence[str] | None = None,
+    engine: str = "hypercorn",
 ) -> AsyncIterator[ServerProcess]:
     """Run ``chatcore serve TARGET --bind 127.0.0.1:0 OPTIONS``; SIGKILL it if still running."""
     log = tmp_path / f"server-{next(_logs)}.log"
     argv = [*(command or [sys.executable, "-m", "chatcore"]), "serve", target]
-    argv += ["--bind", "127.0.0.1:0", *options]
+    argv += ["--bind", "127.0.0.1:0", "--engine", engine, *options]
     with log.open("wb") as out:
         process = await trio.lowlevel.open_process(
             argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT
@@ -185,7 +190,8 @@ async def test_readme_echo_example(tmp_path: Path) -> None:
 # -- SIGTERM with 500 clients receiving a broadcast ----------------------------------------------
 
 
-async def test_sigterm_drains_500_clients(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_sigterm_drains_500_clients(tmp_path: Path, engine: str) -> None:
     receivers = 500
     grace = 3.0
     async with chatcore_serve(
@@ -194,6 +200,7 @@ async def test_sigterm_drains_500_clients(tmp_path: Path) -> None:
         str(grace),
         "--no-access-log",
         tmp_path=tmp_path,
+        engine=engine,
     ) as server:
         with trio.fail_after(60):
             async with trio.open_nursery() as holders:
@@ -271,7 +278,10 @@ async def test_sigterm_drains_500_clients(tmp_path: Path) -> None:
 # -- a client that stops reading --------------------------------------------------------------
 
 
-async def test_slow_consumer_is_cut_off_and_sigterm_still_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_slow_consumer_is_cut_off_and_sigterm_still_completes(
+    tmp_path: Path, engine: str
+) -> None:
     count = 1500
     text = "x" * 4000  # about 6 MB per receiver: more than the kernel buffers
     async with chatcore_serve(
@@ -282,6 +292,7 @@ async def test_slow_consumer_is_cut_off_and_sigterm_still_completes(tmp_path: Pa
         "1",
         "--no-access-log",
         tmp_path=tmp_path,
+        engine=engine,
     ) as server:
         async with AsyncExitStack() as stack:
             stack.enter_context(trio.fail_after(60))
@@ -339,8 +350,11 @@ async def test_slow_consumer_is_cut_off_and_sigterm_still_completes(tmp_path: Pa
 # -- handler crash, second signal, workers, bad targets -----------------------------------------
 
 
-async def test_handler_crash_is_1011_and_serving_goes_on(tmp_path: Path) -> None:
-    async with chatcore_serve("tests._serve_targets:crashy", tmp_path=tmp_path) as server:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_handler_crash_is_1011_and_serving_goes_on(tmp_path: Path, engine: str) -> None:
+    async with chatcore_serve(
+        "tests._serve_targets:crashy", tmp_path=tmp_path, engine=engine
+    ) as server:
         with trio.fail_after(10):
             async with peer_of(server.port) as client:
                 await client.send_text("crash")
@@ -353,9 +367,10 @@ async def test_handler_crash_is_1011_and_serving_goes_on(tmp_path: Path) -> None
             assert await server.wait(10) == 0
 
 
-async def test_second_signal_skips_the_wait(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_second_signal_skips_the_wait(tmp_path: Path, engine: str) -> None:
     async with chatcore_serve(
-        "tests._serve_targets:hub", "--drain-grace", "30", tmp_path=tmp_path
+        "tests._serve_targets:hub", "--drain-grace", "30", tmp_path=tmp_path, engine=engine
     ) as server:
         async with AsyncExitStack() as stack:
             stack.enter_context(trio.fail_after(15))
@@ -371,9 +386,16 @@ async def test_second_signal_skips_the_wait(tmp_path: Path) -> None:
         assert "second shutdown request" in server.output()
 
 
-async def test_workers_share_the_port(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_workers_share_the_port(tmp_path: Path, engine: str) -> None:
     async with chatcore_serve(
-        "tests._serve_targets:hub", "--workers", "2", "--drain-grace", "5", tmp_path=tmp_path
+        "tests._serve_targets:hub",
+        "--workers",
+        "2",
+        "--drain-grace",
+        "5",
+        tmp_path=tmp_path,
+        engine=engine,
     ) as server:
         with trio.fail_after(20):
             children = await wait_for_children(server.pid, 2)

@@ -47,7 +47,6 @@ wire may end in a partial frame, so nothing is written after it.
 
 from __future__ import annotations
 
-import collections
 import logging
 import socket
 import struct
@@ -55,10 +54,7 @@ import struct
 import h11
 import trio
 import wsproto.utilities
-from wsproto.connection import Connection as WsConnection
-from wsproto.connection import ConnectionState as WsState
-from wsproto.connection import ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .._exceptions import LocalProtocolError, PeerGone, RemoteProtocolError
 from .._transport import MessageStream
@@ -258,7 +254,9 @@ class LeanStream(MessageStream):
 
     __slots__ = (
         "_accepted",
+        "_answered",
         "_close_sent",
+        "_close_received",
         "_closed",
         "_failure",
         "_flush_lot",
@@ -269,8 +267,9 @@ class LeanStream(MessageStream):
         "_inbound",
         "_max_buffered",
         "_out",
+        "_proto",
+        "_proto_failed",
         "_sock",
-        "_ws",
         "request",
     )
 
@@ -280,24 +279,33 @@ class LeanStream(MessageStream):
         self._sock = sock
         # The h11 side answers the handshake; dropped once it is answered.
         self._head: HandshakeHead | None = head
-        # The WebSocket protocol once accepted (wsproto, frames only).
-        self._ws: WsConnection | None = None
+        # wsproto's frame protocol once accepted (the close handshake is
+        # tracked here: wsproto's Connection adds an event queue per link).
+        self._proto: FrameProtocol | None = None
+        # The parser failed (a framing fault): nothing more can be parsed.
+        self._proto_failed = False
+        self._answered = False
         self._accepted = False
         # Bytes handed over but not yet taken by the kernel (Rule 1).
         self._out = bytearray()
         # A task waits for writability (one at a time; others park here).
         self._flushing = False
         self._flush_lot: trio.lowlevel.ParkingLot | None = None
-        # Whole messages parsed and not yet received (Rule 3).
-        self._inbound: collections.deque[str | bytes] = collections.deque()
-        # The message being reassembled from fragments, and its size so far.
-        self._fragments: list[str | bytes] = []
+        # Whole messages parsed and not yet received (Rule 3); a list, not a
+        # deque: it holds a few messages at most, and an empty deque costs
+        # ~0.8 KiB per connection.
+        self._inbound: list[str | bytes] = []
+        # The message being reassembled from fragments (made for the first
+        # fragmented message), and its size so far.
+        self._fragments: list[str | bytes] | None = None
         self._fragments_size = 0
         self._max_buffered = 2 * max_message_bytes
         # What every later receive raises once the link ended or failed.
         self._failure: PeerGone | RemoteProtocolError | None = None
         # Our close frame went out (handed over; nothing may follow it).
         self._close_sent = False
+        # The peer's close frame arrived.
+        self._close_received = False
         # The socket is closed (abort, reject, or a finished close).
         self._closed = False
 
@@ -391,7 +399,7 @@ class LeanStream(MessageStream):
         failure = self._failure
         if failure is not None:
             raise PeerGone(failure.code if isinstance(failure, PeerGone) else None)
-        if self._closed or self._close_sent or self._ws is None:
+        if self._closed or self._close_sent or self._proto is None:
             raise PeerGone(None)
 
     # -- the handshake -----------------------------------------------------------
@@ -433,7 +441,7 @@ class LeanStream(MessageStream):
         data = h11_connection.send(h11.InformationalResponse(status_code=101, headers=response))
         trailing, _ = h11_connection.trailing_data
         assert data is not None
-        self._ws = WsConnection(ConnectionType.SERVER)
+        self._proto = FrameProtocol(False, [])
         self._accepted = True
         if trailing:
             self._feed(bytes(trailing))
@@ -458,53 +466,60 @@ class LeanStream(MessageStream):
 
     def _feed(self, data: bytes) -> None:
         """Parse ``data``; queue messages, answer pings and the peer's close (Rule 3, 4)."""
-        ws = self._ws
-        assert ws is not None
-        ws.receive_data(data)
-        for event in ws.events():
-            if isinstance(event, TextMessage | BytesMessage):
-                if event.message_finished and not self._fragments:
-                    if len(event.data) > self._max_buffered:
+        proto = self._proto
+        assert proto is not None
+        proto.receive_bytes(data)
+        try:
+            for frame in proto.received_frames():
+                opcode = frame.opcode
+                if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                    payload = frame.payload
+                    fragments = self._fragments
+                    if frame.message_finished and fragments is None:
+                        if len(payload) > self._max_buffered:
+                            self._fail(RemoteProtocolError("message too big", code=1009))
+                            return
+                        self._inbound.append(
+                            payload if isinstance(payload, str) else bytes(payload)
+                        )
+                        continue
+                    if fragments is None:
+                        fragments = self._fragments = []
+                        self._fragments_size = 0
+                    fragments.append(payload)
+                    self._fragments_size += len(payload)
+                    if self._fragments_size > self._max_buffered:
                         self._fail(RemoteProtocolError("message too big", code=1009))
                         return
-                    self._inbound.append(
-                        event.data if isinstance(event.data, str) else bytes(event.data)
-                    )
-                    continue
-                self._fragments.append(event.data)
-                self._fragments_size += len(event.data)
-                if self._fragments_size > self._max_buffered:
-                    self._fail(RemoteProtocolError("message too big", code=1009))
+                    if frame.message_finished:
+                        self._fragments = None
+                        if opcode is Opcode.TEXT:
+                            self._inbound.append("".join(str(p) for p in fragments))
+                        else:
+                            self._inbound.append(b"".join(bytes(p) for p in fragments))
+                elif opcode is Opcode.PING:
+                    if not self._close_sent and not self._closed:
+                        self._write_nowait(proto.pong(bytes(frame.payload)))
+                elif opcode is Opcode.CLOSE:
+                    code, reason = frame.payload
+                    self._close_received = True
+                    if not self._close_sent and not self._closed:
+                        self._close_sent = True
+                        self._write_nowait(proto.close(code, reason))  # answered once
+                    self._failure = self._failure or PeerGone(int(code), reason or "")
                     return
-                if event.message_finished:
-                    parts, self._fragments, self._fragments_size = self._fragments, [], 0
-                    if isinstance(event, TextMessage):
-                        self._inbound.append("".join(str(p) for p in parts))
-                    else:
-                        self._inbound.append(b"".join(bytes(p) for p in parts))
-            elif isinstance(event, Ping):
-                if not self._close_sent and not self._closed:
-                    self._write_nowait(ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                if ws.state in (WsState.OPEN, WsState.LOCAL_CLOSING):
-                    # wsproto reports a framing fault as a close it did not receive.
-                    self._fail(RemoteProtocolError(event.reason or "protocol error", code=event.code))
-                    return
-                code = event.code
-                if ws.state is WsState.REMOTE_CLOSING and not self._closed:
-                    self._write_nowait(ws.send(event.response()))  # answer it once
-                    self._close_sent = True
-                self._failure = self._failure or PeerGone(code, event.reason or "")
-                return
+        except ParseFailed as exc:
+            self._proto_failed = True
+            self._fail(RemoteProtocolError(str(exc), code=exc.code))
 
     def _fail(self, failure: RemoteProtocolError) -> None:
         """A fault of the peer: answer with its close frame, stop reading (Rule 4)."""
         self._failure = self._failure or failure
-        ws = self._ws
-        if not self._close_sent and ws is not None and ws.state is WsState.OPEN and not self._closed:
+        proto = self._proto
+        if not self._close_sent and proto is not None and not self._closed:
             self._close_sent = True
             try:
-                self._write_nowait(ws.send(CloseConnection(failure.code, str(failure))))
+                self._write_nowait(proto.close(failure.code, str(failure)))
             except PeerGone:
                 pass
 
@@ -523,7 +538,7 @@ class LeanStream(MessageStream):
             if self._failure is not None:
                 await trio.lowlevel.checkpoint()
                 raise _copy(self._failure)
-            if self._ws is None or self._closed:
+            if self._proto is None or self._closed:
                 await trio.lowlevel.checkpoint()
                 raise PeerGone(None)
             try:
@@ -536,11 +551,10 @@ class LeanStream(MessageStream):
             self._feed(data)
             if self._out and not self._flushing:
                 await self.flush()  # a pong or a close answer the kernel did not take
-            ws = self._ws
-            if ws is not None and ws.state is WsState.CLOSED and not self._out:
+            if self._close_received and self._close_sent and not self._out:
                 # Both close frames exchanged: the server ends TCP (RFC 6455, 7.1.1).
                 self._close_socket(graceful=True)
-        return inbound.popleft()
+        return inbound.pop(0)
 
     def send_nowait(self, text: str) -> bool:
         """See :meth:`MessageStream.send_nowait` (Rule 1, Rule 2)."""
@@ -571,8 +585,8 @@ class LeanStream(MessageStream):
                 await self.reject(handshake_status_for(code), body=reason.encode())
             await trio.lowlevel.checkpoint()
             return
-        ws = self._ws
-        assert ws is not None
+        proto = self._proto
+        assert proto is not None
         if self._closed:
             raise _copy(self._failure) if self._failure else PeerGone(None)
         if not self._close_sent:
@@ -580,26 +594,25 @@ class LeanStream(MessageStream):
                 raise _copy(self._failure)
             encoded = reason.encode()[:_MAX_REASON_BYTES].decode("utf-8", "ignore")
             self._close_sent = True
-            self._write_nowait(ws.send(CloseConnection(code, encoded)))
+            self._write_nowait(proto.close(code, encoded))
         await self.flush()
         # The peer's answer (or EOF); messages that arrive meanwhile are dropped.
-        while ws.state is not WsState.CLOSED and self._failure is None:
+        while not self._close_received and not self._proto_failed:
             try:
                 data = await _receive_some(self._sock)
             except (OSError, trio.ClosedResourceError) as exc:
                 raise self._lost() from exc
             if not data:
                 break
-            self._inbound.clear()
+            self._fragments = None  # not reassembled any more: only the close counts
             self._feed(data)
-        self._inbound.clear()
+            self._inbound.clear()
         await self.flush()
         self._close_socket(graceful=True)
 
     async def abort(self) -> None:
         """See :meth:`MessageStream.abort`: a RST unless the close was clean (Rule 5)."""
-        ws = self._ws
-        clean = ws is not None and ws.state is WsState.CLOSED and not self._out
+        clean = self._close_sent and self._close_received and not self._out
         if self._failure is None:
             self._failure = PeerGone(None)
         self._close_socket(graceful=clean)
