@@ -6,8 +6,11 @@ how and when the connection closes, and what a closed connection leaves behind.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import weakref
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -29,7 +32,13 @@ from chatcore import (
     serve_connection,
 )
 from chatcore._pacer import MAX_PASSES, WATCH_INTERVAL, pacer
-from chatcore.testing import TestClient, open_test_client, open_test_clients
+from chatcore.testing import (
+    TestClient,
+    WebSocketPeer,
+    open_lean_pair,
+    open_test_client,
+    open_test_clients,
+)
 from chatcore.transports import CloseFrame, TextFrame, memory_stream_pair
 
 
@@ -490,3 +499,128 @@ async def test_a_burst_of_large_messages_closes_only_the_client_that_never_reads
 async def _user_from_query(request: HandshakeRequest) -> str:
     await trio.lowlevel.checkpoint()
     return request.query["user"]
+
+
+# -- direct writes (the lean engine's transport) ---------------------------------------------
+#
+# Real loopback sockets: a LeanStream writes with non-blocking send() calls,
+# which the pacer makes for every ready connection without waking writers.
+
+
+class _WriterSteps(trio.abc.Instrument):
+    """Counts scheduler steps of the connection writers' tasks."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("Connection._writer"):
+            self.steps += 1
+
+
+@contextlib.asynccontextmanager
+async def lean_connection(
+    **changes: object,
+) -> AsyncIterator[tuple[Connection, WebSocketPeer]]:
+    """An open connection on a LeanStream and its client, small kernel buffers."""
+    async with open_lean_pair(buffer_size=4096) as (stream, client), trio.open_nursery() as nursery:
+        conn: Connection = await nursery.start(
+            functools.partial(
+                serve_connection, stream, RecordingHandler(), config=config(**changes)
+            )
+        )
+        await client.wait_accepted()
+        yield conn, client
+        await client.vanish()  # the connection sees the link go, without a close wait
+        await conn.wait_closed()
+
+
+async def receive_lines(client: WebSocketPeer, count: int) -> list[str]:
+    got: list[str] = []
+    while len(got) < count:
+        frame = await client.receive_frame()
+        assert isinstance(frame, TextFrame), frame
+        got += frame.text.split("\n")
+    return got
+
+
+async def test_the_pacer_writes_a_burst_to_a_direct_send_transport_without_waking_the_writer() -> (
+    None
+):
+    with trio.fail_after(10):
+        async with lean_connection() as (conn, client):
+            await trio.testing.wait_all_tasks_blocked()
+            steps = _WriterSteps()
+            trio.lowlevel.add_instrument(steps)
+            try:
+                for burst in range(5):
+                    for n in range(10):
+                        conn.offer(encode(message(10 * burst + n)))
+                        await trio.lowlevel.checkpoint()
+                    assert await receive_lines(client, 10) == [
+                        encode(message(10 * burst + n)).text for n in range(10)
+                    ]
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert steps.steps == 0
+            assert conn.statistics().frames_sent <= 5 * 3  # batched, not one per message
+
+
+async def test_direct_writes_keep_order_when_the_socket_fills() -> None:
+    # ~2 MB against ~8 KiB of kernel buffers: most direct writes end partial,
+    # the writer waits for the socket, and later bursts queue behind it.
+    count, size = 400, 5_000
+    with trio.fail_after(30):
+        async with lean_connection(outbox_max_bytes=4 << 20, outbox_burst_bytes=8 << 20) as (
+            conn,
+            client,
+        ):
+            for n in range(count):
+                assert conn.offer(encode(message(n, size))) is PushResult.QUEUED
+                if n % 7 == 0:
+                    await trio.lowlevel.checkpoint()
+            got = await receive_lines(client, count)
+            assert got == [encode(message(n, size)).text for n in range(count)]
+            assert conn.state is ConnectionState.OPEN
+
+
+async def test_a_close_flushes_what_direct_writes_left_in_the_transport() -> None:
+    count, size = 200, 5_000
+    with trio.fail_after(30):
+        async with lean_connection(outbox_max_bytes=4 << 20, outbox_burst_bytes=8 << 20) as (
+            conn,
+            client,
+        ):
+            for n in range(count):
+                conn.offer(encode(message(n, size)))
+            for _ in range(10):  # the pacer writes; the kernel takes a few KiB only
+                await trio.lowlevel.checkpoint()
+            conn.close_nowait(4002, "kicked")
+            frames: list[object] = []
+            while not frames or not isinstance(frames[-1], CloseFrame):
+                frames.append(await client.receive_frame())
+            assert lines(frames[:-1]) == [encode(message(n, size)).text for n in range(count)]
+            assert frames[-1] == CloseFrame(4002, "kicked")
+            record = await conn.wait_closed()
+            assert (record.code, record.cause) == (4002, CloseCause.APP)
+
+
+async def test_direct_writes_are_not_starved_by_a_load_that_never_pauses() -> None:
+    with trio.fail_after(10):
+        async with lean_connection(batch_delay=3600.0) as (conn, client):
+            produced = 0
+            first_frame_after: int | None = None
+
+            async def read() -> None:
+                nonlocal first_frame_after
+                await client.receive_frame()
+                first_frame_after = produced
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                while first_frame_after is None and produced < 10 * MAX_PASSES:
+                    conn.offer(encode(message(produced)))
+                    produced += 1
+                    await trio.lowlevel.checkpoint()
+            assert first_frame_after is not None
+            assert first_frame_after <= MAX_PASSES + 8
