@@ -56,8 +56,8 @@ from ._server import _firewall
 from .asgi import ASGIApp
 from .transports._asgi_stream import ASGIMessage
 from .transports._lean import (
-    HeadRefused,
     HandshakeHead,
+    HeadRefused,
     LeanStream,
     drop_socket,
     read_request_head,
@@ -107,9 +107,7 @@ class LeanServer:
     # Every client task (a second request during the grace cancels it).
     _clients_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     # Woken when the last client task ends.
-    _idle_lot: trio.lowlevel.ParkingLot = attrs.field(
-        factory=trio.lowlevel.ParkingLot, init=False
-    )
+    _idle_lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
     _requests: int = attrs.field(default=0, init=False)
 
     def __repr__(self) -> str:
@@ -139,9 +137,7 @@ class LeanServer:
                 logger.info("received %s", signal.Signals(signum).name)
                 self.request_shutdown()
 
-    async def _accept(
-        self, sock: socket.socket, nursery: trio.Nursery, access_log: bool
-    ) -> None:
+    async def _accept(self, sock: socket.socket, nursery: trio.Nursery, access_log: bool) -> None:
         """Accept clients on ``sock`` until cancelled, each in a task of ``nursery``."""
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -152,7 +148,10 @@ class LeanServer:
                     break  # another worker process took it, or none left
                 except OSError as exc:
                     if exc.errno in _ACCEPT_PAUSE_ERRNOS:
-                        logger.error("accept failed (%s); pausing 0.1 s", errno.errorcode[exc.errno])
+                        logger.error(
+                            "accept failed (%s); pausing 0.1 s",
+                            errno.errorcode.get(exc.errno or 0, "?"),
+                        )
                         await trio.sleep(0.1)
                         break
                     if exc.errno == errno.ECONNABORTED:

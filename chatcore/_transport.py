@@ -31,9 +31,6 @@ class MessageStream(abc.ABC):
     reader task while :meth:`send` runs in the writer task.
     """
 
-    # No per-instance dict for transports that declare their slots.
-    __slots__ = ()
-
     #: The client's handshake.
     request: HandshakeRequest
     #: True once :meth:`accept` or :meth:`reject` was called.

@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+from typing import cast
 
 import h11
 import trio
@@ -255,8 +256,8 @@ class LeanStream(MessageStream):
     __slots__ = (
         "_accepted",
         "_answered",
-        "_close_sent",
         "_close_received",
+        "_close_sent",
         "_closed",
         "_failure",
         "_flush_lot",
@@ -339,7 +340,7 @@ class LeanStream(MessageStream):
             self._out.clear()
             drop_socket(self._sock, graceful=graceful)
 
-    def _write_nowait(self, data: bytes) -> bool:
+    def _write_nowait(self, data: bytes | bytearray) -> bool:
         """Rule 1: write now, or queue behind what is waiting. True if all went out."""
         out = self._out
         if out:
@@ -473,7 +474,7 @@ class LeanStream(MessageStream):
             for frame in proto.received_frames():
                 opcode = frame.opcode
                 if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-                    payload = frame.payload
+                    payload = cast("str | bytes", frame.payload)
                     fragments = self._fragments
                     if frame.message_finished and fragments is None:
                         if len(payload) > self._max_buffered:
@@ -494,14 +495,14 @@ class LeanStream(MessageStream):
                     if frame.message_finished:
                         self._fragments = None
                         if opcode is Opcode.TEXT:
-                            self._inbound.append("".join(str(p) for p in fragments))
+                            self._inbound.append("".join(cast("list[str]", fragments)))
                         else:
-                            self._inbound.append(b"".join(bytes(p) for p in fragments))
+                            self._inbound.append(b"".join(cast("list[bytes]", fragments)))
                 elif opcode is Opcode.PING:
                     if not self._close_sent and not self._closed:
-                        self._write_nowait(proto.pong(bytes(frame.payload)))
+                        self._write_nowait(proto.pong(cast(bytes, frame.payload)))
                 elif opcode is Opcode.CLOSE:
-                    code, reason = frame.payload
+                    code, reason = cast("tuple[int, str]", frame.payload)
                     self._close_received = True
                     if not self._close_sent and not self._closed:
                         self._close_sent = True
