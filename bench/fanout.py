@@ -106,8 +106,18 @@ def run_fanout(
     }
 
 
-def run_latency(kind: str, receivers: int, seconds: float, *, timeout: float) -> dict[str, Any]:
-    """``receivers`` members and a publisher sending ``RATE`` msg/s for ``seconds``."""
+def run_latency(
+    kind: str,
+    receivers: int,
+    seconds: float,
+    *,
+    timeout: float,
+    on_window: tuple[Callable[[h.Server], None], Callable[[h.Server], None]] | None = None,
+) -> dict[str, Any]:
+    """``receivers`` members and a publisher sending ``RATE`` msg/s for ``seconds``.
+
+    ``on_window``: as for :func:`run_fanout`.
+    """
     messages = max(1, round(RATE * seconds))
     deadline = time.monotonic() + seconds + timeout
     with h.running_server(kind) as server:
@@ -123,10 +133,14 @@ def run_latency(kind: str, receivers: int, seconds: float, *, timeout: float) ->
         try:
             clients.wait_ready(deadline)
             time.sleep(0.3)
+            if on_window:
+                on_window[0](server)
             window = h.Window(server)
             clients.send("GO")
             report = clients.expect_json("DONE", deadline)
             window.close()
+            if on_window:
+                on_window[1](server)
         finally:
             clients.stop()
     latencies = sorted(report["latency_us"])

@@ -1,7 +1,8 @@
 """Where a server's time goes during the fan-out scenario: py-spy, top functions by own time.
 
 Runs ``fanout.py``'s first scenario (one client publishes K messages to M
-members) against each ``--servers`` kind and records the server process with
+members), or with ``--scenario latency`` its second (R receivers, one
+publisher at 100 msg/s), against each ``--servers`` kind and records the server process with
 ``py-spy record --pid`` (a sampling profiler attached from outside: the
 server runs unmodified) over the measurement window only. Prints, per
 server, the functions with the most samples *on top of the stack* (own time)
@@ -33,7 +34,7 @@ from collections import Counter
 from pathlib import Path
 
 import _harness as h
-from fanout import SIZES, run_fanout
+from fanout import SIZES, run_fanout, run_latency
 
 _LINE_NUMBER = re.compile(r":\d+\)$")
 
@@ -109,7 +110,8 @@ def main() -> int:
         type=lambda s: [x for x in s.split(",") if x],
         help=f"comma-separated subset of: {', '.join(h.SERVERS)} (the two chatcore ones)",
     )
-    p.add_argument("--members", type=int, help="M (1000; quick 200)")
+    p.add_argument("--scenario", choices=("fanout", "latency"), default="fanout", help="(fanout)")
+    p.add_argument("--members", type=int, help="M (1000; quick 200); R for latency (200; 100)")
     p.add_argument("--messages", type=int, help="K (200; quick 50)")
     p.add_argument("--top", type=int, default=15, help="functions listed (15)")
     p.add_argument("--cumulative", action="store_true", help="also list by inclusive samples")
@@ -127,15 +129,29 @@ def main() -> int:
     for kind in args.servers:
         path = args.output / f"profile-{kind}-{time.strftime('%Y%m%d-%H%M%S')}.txt"
         spy = PySpy(path, args.rate, args.native)
-        row = run_fanout(
-            kind, members, messages, timeout=args.timeout, on_window=(spy.start, spy.stop)
-        )
-        print(
-            f"\n{kind}: one client publishes {messages} to {members} members; "
-            f"{row['cpu_us_per_delivery']:.1f} µs/delivery under the profiler, "
-            f"frames/msg {row['frames_per_message']:.3f}, all in order: "
-            f"{'yes' if row['verified'] else 'NO'}; stacks in {path}"
-        )
+        if args.scenario == "latency":
+            receivers = args.members or SIZES["latency_receivers"][args.quick]
+            seconds = SIZES["latency_seconds"][args.quick]
+            row = run_latency(
+                kind, receivers, seconds, timeout=args.timeout, on_window=(spy.start, spy.stop)
+            )
+            print(
+                f"\n{kind}: {receivers} receivers, 100 msg/s for {seconds:g} s; "
+                f"p50/p99 {row['p50_ms']:.1f}/{row['p99_ms']:.1f} ms and "
+                f"{row['cpu_percent']:.0f} % CPU under the profiler, frames/msg "
+                f"{row['frames_per_message']:.3f}, all in order: "
+                f"{'yes' if row['verified'] else 'NO'}; stacks in {path}"
+            )
+        else:
+            row = run_fanout(
+                kind, members, messages, timeout=args.timeout, on_window=(spy.start, spy.stop)
+            )
+            print(
+                f"\n{kind}: one client publishes {messages} to {members} members; "
+                f"{row['cpu_us_per_delivery']:.1f} µs/delivery under the profiler, "
+                f"frames/msg {row['frames_per_message']:.3f}, all in order: "
+                f"{'yes' if row['verified'] else 'NO'}; stacks in {path}"
+            )
         if not row["verified"]:
             status = 1
         raw = path.read_text() if path.exists() else ""

@@ -177,6 +177,7 @@ EXPECTED: dict[str, set[str]] = {
         "MemoryPeer",
         "WebSocketPeer",
         "check_message_stream",
+        "open_lean_pair",
         "open_memory_pair",
         "open_trio_websocket_pair",
     },
