@@ -176,14 +176,22 @@ class LeanServer:
             if head is None:
                 return  # no whole request in time: dropped
             if head.websocket_upgrade:
-                await self._serve_websocket(sock, head, access_log)
+                stream = await self._answer_refusals(sock, head, access_log)
+                if stream is not None:
+                    # Served from this task (one coroutine frame less per
+                    # connection than a helper that serves it).
+                    try:
+                        await serve_connection(stream, app.served, config=cfg)
+                    finally:
+                        await stream.abort()
             else:
                 await _serve_http(app, sock, head, access_log)
         except PeerGone:
             pass
         except HeadRefused as exc:
             phrase = h11_reason(exc.status)
-            await write_all(sock, _BAD_HEAD % (exc.status, phrase))
+            if await write_all(sock, _BAD_HEAD % (exc.status, phrase)):
+                await _linger_close(sock)
         except BaseException as exc:
             _firewall(exc, head.client if head else None)
         finally:
@@ -192,7 +200,10 @@ class LeanServer:
             if not self.clients:
                 self._idle_lot.unpark_all()
 
-    async def _serve_websocket(self, sock: socket.socket, head: HandshakeHead, log: bool) -> None:
+    async def _answer_refusals(
+        self, sock: socket.socket, head: HandshakeHead, log: bool
+    ) -> LeanStream | None:
+        """The stream of a handshake to serve, or ``None`` once it was refused here."""
         app = self.app
         fault = head.handshake_fault()
         if fault is not None:
@@ -200,24 +211,23 @@ class LeanServer:
             extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
             await respond(sock, head.connection, status, text.encode() + b"\n", extra)
             _log_access(log, head, status)
-            return
+            await _linger_close(sock)
+            return None
         stream = LeanStream(sock, head, app.config.max_message_bytes)
-        try:
-            if stream.request.path != app.path:
-                await stream.reject(404, body=b"not found")
-                _log_access(log, head, 404)
-            elif app.draining:
-                await stream.reject(
-                    503,
-                    body=b"server is draining; reconnect shortly",
-                    headers=(("retry-after", str(app.retry_after)),),
-                )
-                _log_access(log, head, 503)
-            else:
-                _log_access(log, head, 101)
-                await serve_connection(stream, app.served, config=app.config)
-        finally:
-            await stream.abort()
+        if stream.request.path != app.path:
+            await stream.reject(404, body=b"not found")
+            _log_access(log, head, 404)
+            return None
+        if app.draining:
+            await stream.reject(
+                503,
+                body=b"server is draining; reconnect shortly",
+                headers=(("retry-after", str(app.retry_after)),),
+            )
+            _log_access(log, head, 503)
+            return None
+        _log_access(log, head, 101)
+        return stream
 
     async def _wait_idle(self) -> None:
         while self.clients:
@@ -264,6 +274,7 @@ async def _serve_http(app: ASGIApp, sock: socket.socket, head: HandshakeHead, lo
                 if size > MAX_BODY_BYTES:
                     await respond(sock, connection, 413, b"request body too large\n")
                     _log_access(log, head, 413)
+                    await _linger_close(sock)
                     return
                 body.append(bytes(event.data))
                 continue
@@ -335,6 +346,7 @@ async def _serve_http(app: ASGIApp, sock: socket.socket, head: HandshakeHead, lo
             logger.exception("HTTP %r: the application raised", target[:200])
             if connection.our_state is h11.SEND_RESPONSE:
                 await respond(sock, connection, 500, b"internal error\n")
+                answered.set()
             status = 500
     _log_access(log, head, status)
     if not answered.is_set():

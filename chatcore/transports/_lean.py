@@ -228,6 +228,11 @@ async def read_request_head(sock: socket.socket) -> HandshakeHead:
             connection.receive_data(data)
             continue
         if isinstance(event, h11.Request):
+            # h11 bounds a head still arriving; one that arrived whole in a
+            # single read is measured here.
+            size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+            if size > MAX_HEAD_BYTES:
+                raise HeadRefused(431, "request head too large")
             return HandshakeHead(connection, event, client)
         raise PeerGone(None)  # ConnectionClosed: EOF before a request
 
