@@ -18,11 +18,12 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from chatcore import Config, Hub, HubConfig
+from chatcore import Config, Hub, HubConfig, LocalProtocolError
 from chatcore._lean_serve import MAX_BODY_BYTES, LeanServer, serve_lean
 from chatcore.asgi import ASGIApp, ASGIReceive, ASGIScope, ASGISend
-from chatcore.testing import WebSocketPeer, open_test_client
-from chatcore.transports import CloseFrame, TextFrame
+from chatcore.testing import WebSocketPeer, open_lean_pair, open_test_client
+from chatcore.transports import CloseFrame, LeanStream, TextFrame
+from chatcore.transports._lean import text_frame
 
 TIMEOUT = 10
 
@@ -256,3 +257,59 @@ async def test_drain_sends_shutdown_then_1012_and_refuses_newcomers() -> None:
             assert server.shutting_down
             assert "stopping" in repr(server)
             assert hub.health().connections == 0
+
+
+# -- the transport's own details ----------------------------------------------------------------
+
+
+def test_text_frames_use_the_shortest_length_encoding() -> None:
+    assert text_frame(b"x" * 125)[:2] == bytes((0x81, 125))
+    assert text_frame(b"x" * 300)[:4] == bytes((0x81, 126, 1, 44))
+    assert text_frame(b"x" * 70_000)[:10] == bytes((0x81, 127, 0, 0, 0, 0, 0, 1, 17, 112))
+    assert len(text_frame(b"x" * 70_000)) == 70_010
+
+
+async def test_fragmented_messages_are_reassembled_and_pings_answered() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_lean_pair(target="/ws?a=1") as (server, client):
+            assert isinstance(server, LeanStream)
+            assert "'/ws' handshake" in repr(server)
+            await server.accept()
+            await client.wait_accepted()
+            assert isinstance(client, WebSocketPeer)
+            await client.send_raw_frame(0x1, "hé".encode(), fin=False)
+            await client.send_raw_frame(0x9, b"ping in between")  # answered, not a message
+            await client.send_raw_frame(0x0, b"llo", fin=True)
+            await client.send_raw_frame(0x2, b"\x00\x01", fin=False)
+            await client.send_raw_frame(0x0, b"\x02", fin=True)
+            assert await server.receive() == "héllo"
+            assert await server.receive() == b"\x00\x01\x02"
+            await server.send("still fine")
+            assert await client.receive_frame() == TextFrame("still fine")
+            assert "open" in repr(server)
+
+
+async def test_accept_refuses_what_the_handshake_owns() -> None:
+    with trio.fail_after(TIMEOUT):
+        async with open_lean_pair(subprotocols=["a"]) as (server, _):
+            with pytest.raises(LocalProtocolError, match="not offered"):
+                await server.accept(subprotocol="b")
+            with pytest.raises(LocalProtocolError, match="cannot be set"):
+                await server.accept(headers=(("Sec-WebSocket-Accept", "x"),))
+            with pytest.raises(LocalProtocolError, match="cannot be set"):
+                await server.accept(headers=(("connection", "close"),))
+            await server.accept(subprotocol="a", headers=(("x-served-by", "lean"),))
+
+
+async def test_malformed_upgrade_requests_get_400() -> None:
+    base = "Host: t\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    with trio.fail_after(TIMEOUT):
+        async with lean_server() as (_, port):
+            for request in (
+                f"POST /ws HTTP/1.1\r\n{base}Connection: Upgrade\r\n{key}Content-Length: 0\r\n\r\n",
+                f"GET /ws HTTP/1.0\r\n{base}Connection: Upgrade\r\n{key}\r\n",
+                f"GET /ws HTTP/1.1\r\n{base}Connection: keep-alive\r\n{key}\r\n",
+            ):
+                status, _, body = await exchange(port, request.encode())
+                assert status == 400, body
