@@ -26,7 +26,7 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> dict[str, ModuleType]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["chatcore-serve", "websockets"])
+@pytest.mark.parametrize("kind", ["chatcore-serve", "chatcore-lean", "websockets"])
 def test_quickest_fanout_delivers_every_message_in_order(
     bench: dict[str, ModuleType], kind: str
 ) -> None:
