@@ -18,6 +18,11 @@ tasks per connection. The run's :class:`~chatcore._pacer.Pacer` does two jobs
 for every connection at once: it wakes writers in batches after a burst (so
 messages that arrive together leave together, whoever sent them), and it
 runs the heartbeat (a ping every interval; 4000 when the client stays silent).
+On a transport with :attr:`~chatcore.MessageStream.direct_send` (the lean
+engine's) the pacer does not wake the writer: it writes the batch itself
+(:meth:`Connection._write_now`, one non-blocking write, no task switch), and
+the writer runs only to wait for the socket when the kernel did not take it
+all, so frames keep their order and the send deadlines still apply.
 
 A burst of large messages may take an outbox over its budget
 (:attr:`Config.outbox_max_bytes`); that is not an offence. The connection is a
