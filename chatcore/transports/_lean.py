@@ -93,6 +93,10 @@ def text_frame(payload: bytes) -> bytes:
     return _PACK_64(0x81, 127, size) + payload
 
 
+# The text last framed by send_nowait, and its frame (see there).
+_last_frame: tuple[str | None, bytes] = (None, b"")
+
+
 def drop_socket(sock: socket.socket, *, graceful: bool) -> None:
     """Close ``sock`` now: with a FIN if ``graceful``, else with a RST. Never raises."""
     if sock.fileno() < 0:
@@ -565,7 +569,14 @@ class LeanStream(MessageStream):
     def send_nowait(self, text: str) -> bool:
         """See :meth:`MessageStream.send_nowait` (Rule 1, Rule 2)."""
         self._check_writable()
-        return self._write_nowait(text_frame(text.encode()))
+        global _last_frame
+        # A fan-out hands the same text object to every member in one pass:
+        # encode and frame it once (one entry, compared by identity).
+        last_text, frame = _last_frame
+        if text is not last_text:
+            frame = text_frame(text.encode())
+            _last_frame = (text, frame)
+        return self._write_nowait(frame)
 
     async def send(self, text: str) -> None:
         """See :meth:`MessageStream.send`. Yields only if the socket is full.
