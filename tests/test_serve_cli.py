@@ -367,13 +367,16 @@ async def test_handler_crash_is_1011_and_serving_goes_on(tmp_path: Path, engine:
             assert await server.wait(10) == 0
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("workers", ["1", "2"])
-async def test_sigterm_while_the_target_is_still_importing(tmp_path: Path, workers: str) -> None:
+async def test_sigterm_while_the_target_is_still_importing(
+    tmp_path: Path, workers: str, engine: str
+) -> None:
     """A SIGTERM before the server listens is kept until it can drain: exit 0, not -15."""
     gate = tmp_path / "gate"
     log = tmp_path / "server.log"
     argv = [sys.executable, "-m", "chatcore", "serve", "tests._slow_target:hub"]
-    argv += ["--bind", "127.0.0.1:0", "--workers", workers]
+    argv += ["--bind", "127.0.0.1:0", "--workers", workers, "--engine", engine]
     env = {**os.environ, "CHATCORE_TEST_GATE": str(gate)}
     with log.open("wb") as out:
         process = await trio.lowlevel.open_process(
