@@ -396,7 +396,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "serve":
-        return _serve_command(args)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+        try:
+            return _serve_command(args)
+        finally:
+            # An early exit (a bad target, no Redis extra) must not leave
+            # SIGTERM blocked in a process that goes on (and in its children).
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     if args.command == "new":
         return _new_command(args)
     raise SystemExit(f"chatcore: unknown command {args.command!r}")  # pragma: no cover

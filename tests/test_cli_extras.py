@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,17 @@ def test_redis_url_without_the_extra_names_the_install(monkeypatch: pytest.Monke
     with pytest.raises(SystemExit, match=r"pip install 'chatcore\[redis\]'"):
         main(["serve", "examples.chat.app:app", "--redis-url", "redis://127.0.0.1:1"])
     assert "CHATCORE_REDIS_URL" not in os.environ
+
+
+def test_an_early_exit_of_serve_leaves_sigterm_unblocked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # serve blocks SIGTERM while the target imports; a process that goes on
+    # after an early exit (and every child it starts) must get it back.
+    monkeypatch.setitem(sys.modules, "coredis", None)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    with pytest.raises(SystemExit, match="chatcore"):
+        main(["serve", "examples.chat.app:app", "--redis-url", "redis://127.0.0.1:1"])
+    assert signal.SIGTERM not in before
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before
 
 
 @pytest.mark.parametrize(("worker", "warned"), [(None, True), ("1", False)])
