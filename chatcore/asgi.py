@@ -57,6 +57,7 @@ from .transports._asgi_stream import (
     ASGIScope,
     ASGISend,
     ASGIStream,
+    screen_handshake,
 )
 
 __all__ = [
@@ -270,7 +271,10 @@ class ASGIApp:
             raise ValueError(f"unsupported ASGI scope type {kind!r}")
 
     async def _websocket(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
-        if scope.get("path") != self.path:
+        if (refusal := screen_handshake(scope, self.config.handshake_limits)) is not None:
+            # Over a handshake limit (414/431) or a bad key (400): see docs/security.md.
+            await refuse_asgi_websocket(scope, receive, send, refusal.status, refusal.body)
+        elif scope.get("path") != self.path:
             await refuse_asgi_websocket(scope, receive, send, 404, b"not found")
         elif self.draining:
             await refuse_asgi_websocket(

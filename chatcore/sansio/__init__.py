@@ -26,6 +26,10 @@ from ._errors import (
 from ._handshake import Accept as Accept
 from ._handshake import HandshakeRequest as HandshakeRequest
 from ._handshake import Reject as Reject
+from ._handshake_limits import HandshakeLimits as HandshakeLimits
+from ._handshake_limits import RequestHeadScanner as RequestHeadScanner
+from ._handshake_limits import check_request_head as check_request_head
+from ._handshake_limits import check_websocket_key as check_websocket_key
 from ._history import History as History
 from ._history import HistoryEntry as HistoryEntry
 from ._history import Recovery as Recovery
@@ -109,6 +113,7 @@ __all__ = [
     "Emit",
     "EpochChanged",
     "ErrorCode",
+    "HandshakeLimits",
     "HandshakeRequest",
     "Held",
     "History",
@@ -140,6 +145,7 @@ __all__ = [
     "RecoveryStatus",
     "Ref",
     "Reject",
+    "RequestHeadScanner",
     "RemoteProtocolError",
     "RoomBroadcast",
     "RoomSequencer",
@@ -160,6 +166,8 @@ __all__ = [
     "encode_reply",
     "encode_reply_error",
     "encode_shutdown",
+    "check_request_head",
+    "check_websocket_key",
     "handshake_status_for",
     "parse_client_message",
     "valid_room",
