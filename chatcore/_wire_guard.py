@@ -49,8 +49,14 @@ import wsproto.connection
 import wsproto.extensions
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Event
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
-from wsproto.frame_protocol import ParseFailed
+from wsproto.frame_protocol import (
+    CloseReason,
+    FrameDecoder,
+    FrameProtocol,
+    Opcode,
+    ParseFailed,
+    RsvBits,
+)
 
 __all__ = [
     "AnsweringConnection",

@@ -155,7 +155,8 @@ class RequestHeadScanner:
                 if tail:
                     self._line += tail
                     self._line_ends_with_cr = data[-1] == 0x0D
-                return self._check(self._line, partial=True)
+                # A CR at the end may be the start of the line's CRLF.
+                return self._check(self._line - self._line_ends_with_cr, partial=True)
             segment = newline - start
             self._total += segment + 1
             length = self._line + segment
@@ -214,12 +215,10 @@ def check_request_head(
     if request_line > limits.max_request_line_bytes:
         return _request_line_too_long(limits)
     total = request_line + _CRLF + _CRLF
-    count = 0
-    for name, value in headers:
+    for count, (name, value) in enumerate(headers, start=1):
         line = len(name) + _HEADER_SEPARATOR + len(value)
         if line > limits.max_header_line_bytes:
             return _header_line_too_long(limits)
-        count += 1
         if count > limits.max_headers:
             return _too_many_headers(limits)
         total += line + _CRLF

@@ -487,6 +487,9 @@ class TrioWebSocketStream(MessageStream):
     async def send(self, text: str) -> None:
         """Send one text frame.
 
+        After the peer broke the protocol (see :meth:`receive`), the text is
+        discarded: only the close frame that answers the fault may follow.
+
         Raises:
             PeerGone: the link is gone, closing, or broken by an earlier
                 interrupted send.
@@ -514,7 +517,14 @@ class TrioWebSocketStream(MessageStream):
                 # Our own close started while this send was in flight.
                 raise PeerGone(None) from exc
             gone = await self._settle(ws)
-            raise PeerGone(None if gone.protocol_error else gone.code, gone.reason) from None
+            if gone.protocol_error:
+                # The library failed the connection on the peer's fault and
+                # takes no more data; the link is still good for the close
+                # frame that answers the fault, which close() sends next (the
+                # actor closes once its reader sees the RemoteProtocolError).
+                # Raising here would make that close look like a lost link.
+                return
+            raise PeerGone(gone.code, gone.reason) from None
         finally:
             if not done:
                 # Interrupted midway: never write after a partial frame.
