@@ -30,7 +30,7 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Event, TextMessage
 from wsproto.frame_protocol import CloseReason, FrameProtocol
 
-from chatcore import Config, HandshakeLimits, Hub, HubConfig, serve_websocket
+from chatcore import Config, HandshakeLimits, Hub, HubConfig, Reject, serve_websocket
 from chatcore._wire_guard import (
     AnsweringConnection,
     BoundedPerMessageDeflate,
@@ -45,6 +45,7 @@ from chatcore.sansio import (
     check_websocket_key,
 )
 from chatcore.testing import open_test_client
+from chatcore.transports._asgi_stream import screen_handshake
 
 pytestmark = pytest.mark.slow
 
@@ -238,17 +239,16 @@ class Target:
 
     transport: str
     port: int
-    connections: Callable[[], trio.lowlevel.Task | object]
+    # The open connections of an in-process server (None: ask /healthz).
+    connections: Callable[[], int] | None = None
     pid: int | None = None
 
     async def open_connections(self) -> int:
-        if self.transport == "hypercorn":
-            status, health = await http_get(self.port, "/healthz")
-            assert status == 200
-            return int(health["connections"])
-        count = self.connections()
-        assert isinstance(count, int)
-        return count
+        if self.connections is not None:
+            return self.connections()
+        status, health = await http_get(self.port, "/healthz")
+        assert status == 200
+        return int(health["connections"])
 
     def memory(self) -> tuple[int, int]:
         """The server process's resident and peak resident memory, in bytes."""
@@ -266,7 +266,7 @@ async def serving(transport: str, tmp_path: Path, *options: str) -> AsyncIterato
         async with chatcore_serve(
             "tests._serve_targets:app", *options, tmp_path=tmp_path
         ) as server:
-            yield Target(transport, server.port, lambda: None, pid=server.pid)
+            yield Target(transport, server.port, pid=server.pid)
         return
     hub = Hub(config=HubConfig(max_connections_per_user=10**6))
     async with trio.open_nursery() as nursery:
@@ -565,13 +565,14 @@ def test_answering_connection_turns_a_parse_failure_into_a_close_to_answer() -> 
     server = AnsweringConnection(ConnectionType.SERVER)
     events = _events(server, frame(0x3, b"x"))
     assert events == [CloseConnection(code=1002, reason="Invalid opcode 0x3")]
-    assert server.state is ConnectionState.REMOTE_CLOSING
+    states = [server.state]
     # What hypercorn sends for it: the close frame with that code and reason.
     answer = server.send(events[0].response())  # type: ignore[attr-defined]
     assert answer == bytes(
         FrameProtocol(client=False, extensions=[]).close(1002, "Invalid opcode 0x3")
     )
-    assert server.state is ConnectionState.CLOSED
+    states.append(server.state)
+    assert states == [ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED]
     # A real close from the peer is left alone.
     peer = AnsweringConnection(ConnectionType.SERVER)
     assert _events(peer, frame(0x8, struct.pack("!H", 1000))) == [
@@ -719,3 +720,24 @@ def test_handshake_limits_are_validated() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="must be an int > 0"):
             HandshakeLimits(max_headers=bad)  # type: ignore[arg-type]
+
+
+def test_screen_handshake_reads_the_asgi_scope() -> None:
+    limits = HandshakeLimits()
+    key = (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ==")
+    scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "headers": [key]}
+    assert screen_handshake(scope, limits) is None
+    # The query string counts toward the request line.
+    long_query = {**scope, "query_string": b"t=" + b"q" * 8_200}
+    assert screen_handshake(long_query, limits) == HANDSHAKE_REFUSAL_414
+    # HTTP/2 WebSockets (RFC 8441) carry no key; HTTP/1.1 ones must.
+    assert screen_handshake({**scope, "headers": [], "http_version": "2"}, limits) is None
+    missing = screen_handshake({**scope, "headers": []}, limits)
+    assert missing is not None
+    assert (missing.status, missing.body) == (400, b"missing Sec-WebSocket-Key header\n")
+    malformed = screen_handshake({**scope, "headers": [(b"x", None)]}, limits)
+    assert malformed is not None
+    assert (malformed.status, malformed.body) == (400, b"malformed request\n")
+
+
+HANDSHAKE_REFUSAL_414 = Reject(414, b"request line too long (limit 8192 bytes)\n")

@@ -85,7 +85,11 @@ def test_request_from_scope_converts_everything() -> None:
     assert request == HandshakeRequest(
         path="/ws",
         query_string="token=abc&x=1",
-        headers=(("host", "example.test"), ("origin", "http://example.test")),
+        headers=(
+            ("host", "example.test"),
+            ("origin", "http://example.test"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ),
         client=("10.0.0.7", 5555),
         subprotocols=("chat.v1",),
         scheme="ws",
