@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+import socket
 import struct
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -45,7 +46,7 @@ from chatcore.sansio import (
     check_websocket_key,
 )
 from chatcore.testing import open_test_client
-from chatcore.transports._asgi_stream import screen_handshake
+from chatcore.transports._asgi_stream import screen_request
 
 pytestmark = pytest.mark.slow
 
@@ -351,6 +352,13 @@ async def test_bad_handshakes_get_their_status(transport: str, tmp_path: Path) -
                     assert await client.close_frame() is None
             expected = {name: (status, body) for name, (_, status, body) in HANDSHAKE_CASES.items()}
             assert got == expected
+            # A plain HTTP request gets the same limits.
+            async with raw_client(target.port) as client:
+                await client.send(
+                    f"GET /healthz?x={'a' * 17_000} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+                )
+                response = await client.response()
+                assert (response.status, response.body) == (414, HANDSHAKE_REFUSAL_414.body)
             await assert_bystander_served(target.port)
             await wait_connections(target, 0)
 
@@ -722,22 +730,86 @@ def test_handshake_limits_are_validated() -> None:
             HandshakeLimits(max_headers=bad)  # type: ignore[arg-type]
 
 
-def test_screen_handshake_reads_the_asgi_scope() -> None:
+def test_screen_request_reads_the_asgi_scope() -> None:
     limits = HandshakeLimits()
     key = (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ==")
     scope = {"type": "websocket", "path": "/ws", "raw_path": b"/ws", "headers": [key]}
-    assert screen_handshake(scope, limits) is None
+    assert screen_request(scope, limits) is None
     # The query string counts toward the request line.
     long_query = {**scope, "query_string": b"t=" + b"q" * 8_200}
-    assert screen_handshake(long_query, limits) == HANDSHAKE_REFUSAL_414
+    assert screen_request(long_query, limits) == HANDSHAKE_REFUSAL_414
     # HTTP/2 WebSockets (RFC 8441) carry no key; HTTP/1.1 ones must.
-    assert screen_handshake({**scope, "headers": [], "http_version": "2"}, limits) is None
-    missing = screen_handshake({**scope, "headers": []}, limits)
+    assert screen_request({**scope, "headers": [], "http_version": "2"}, limits) is None
+    missing = screen_request({**scope, "headers": []}, limits)
     assert missing is not None
     assert (missing.status, missing.body) == (400, b"missing Sec-WebSocket-Key header\n")
-    malformed = screen_handshake({**scope, "headers": [(b"x", None)]}, limits)
+    # Plain HTTP requests get the head limits, not the key check.
+    assert screen_request({**scope, "type": "http", "headers": []}, limits) is None
+    assert screen_request({**long_query, "type": "http"}, limits) == HANDSHAKE_REFUSAL_414
+    malformed = screen_request({**scope, "headers": [(b"x", None)]}, limits)
     assert malformed is not None
     assert (malformed.status, malformed.body) == (400, b"malformed request\n")
 
 
 HANDSHAKE_REFUSAL_414 = Reject(414, b"request line too long (limit 8192 bytes)\n")
+
+
+# -- ASGIApp in memory: the refusal happens before any connection starts --------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "body"),
+    [
+        (
+            [("sec-websocket-key", "abc")],
+            400,
+            b"Sec-WebSocket-Key is not the base64 encoding of 16 bytes\n",
+        ),
+        ([(f"x-h{i}", "v") for i in range(200)], 431, b"too many header lines (limit 128)\n"),
+    ],
+)
+async def test_asgi_app_refuses_before_the_hub_sees_the_handshake(
+    headers: list[tuple[str, str]], status: int, body: bytes, nursery: trio.Nursery
+) -> None:
+    from _asgi_driver import ASGIWebSocketDriver
+
+    from chatcore.asgi import ASGIApp
+
+    hub = Hub()
+    driver = ASGIWebSocketDriver(ASGIApp(hub), target="/ws", headers=headers)
+    with trio.fail_after(10):
+        await nursery.start(driver.run)
+        await driver.app_returned.wait()
+    assert driver.refusal is not None
+    assert (driver.refusal.status, driver.refusal.body) == (status, body)
+    assert hub.health().connections == 0
+    assert hub.statistics().rejected_handshakes == 0  # the hub never saw it
+
+
+def test_set_compression_refuses_a_hypercorn_that_moved_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from hypercorn.protocol import ws_stream
+
+    from chatcore._serve import set_compression
+
+    monkeypatch.setattr(ws_stream, "PerMessageDeflate", object())
+    with pytest.raises(RuntimeError, match="run with compression disabled"):
+        set_compression(True)
+    with pytest.raises(RuntimeError, match="run with compression enabled"):
+        set_compression(False)
+
+
+async def test_a_client_that_resets_after_an_oversized_head_harms_nothing(tmp_path: Path) -> None:
+    async with serving("trio-websocket", tmp_path) as target:
+        with trio.fail_after(30):
+            for _ in range(3):
+                client = await RawClient.connect(target.port)
+                await client.send(request_head(target="/ws?x=" + "a" * 17_000))
+                # Reset at once: the server's answer or its draining read fails.
+                client.stream.socket.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                )
+                await client.aclose()
+            await assert_bystander_served(target.port)
+            await wait_connections(target, 0)

@@ -85,7 +85,7 @@ __all__ = [
     "ASGIStream",
     "deny_websocket",
     "request_from_scope",
-    "screen_handshake",
+    "screen_request",
 ]
 
 logger = logging.getLogger("chatcore.asgi")
@@ -144,17 +144,18 @@ def request_from_scope(scope: ASGIScope) -> HandshakeRequest:
         raise ValueError(f"malformed websocket scope: {exc}") from exc
 
 
-def screen_handshake(scope: ASGIScope, limits: HandshakeLimits) -> Reject | None:
-    """The refusal a ``websocket`` scope's handshake deserves before anything else, or None.
+def screen_request(scope: ASGIScope, limits: HandshakeLimits) -> Reject | None:
+    """The refusal an ``http`` or ``websocket`` scope deserves before anything else, or None.
 
     The ASGI server parsed the request head already (hypercorn bounds only a
     head that is still incomplete, by ``h11_max_incomplete_size``); this
     applies :class:`~chatcore.HandshakeLimits` to what it parsed (414 for the
-    request line, 431 for the headers) and requires exactly one valid
-    ``Sec-WebSocket-Key`` (400). HTTP/2 WebSockets (RFC 8441) carry no key.
+    request line, 431 for the headers). A WebSocket handshake must also carry
+    exactly one valid ``Sec-WebSocket-Key`` (400); HTTP/2 WebSockets
+    (RFC 8441) carry none.
 
     Args:
-        scope: The ``websocket`` scope.
+        scope: The ``http`` or ``websocket`` scope.
         limits: The bounds (``Config.handshake_limits``).
 
     Returns:
@@ -169,7 +170,11 @@ def screen_handshake(scope: ASGIScope, limits: HandshakeLimits) -> Reject | None
     if query:
         target += b"?" + query
     refusal = check_request_head(target, raw_headers, limits)
-    if refusal is None and str(scope.get("http_version", "1.1")) in ("1.0", "1.1"):
+    if (
+        refusal is None
+        and scope.get("type") == "websocket"
+        and str(scope.get("http_version", "1.1")) in ("1.0", "1.1")
+    ):
         refusal = check_websocket_key(
             (name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers
         )
