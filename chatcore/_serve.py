@@ -46,6 +46,11 @@ long-lived WebSockets:
   client offers it (every browser does) and has no setting for it
   (pgjones/hypercorn#307). See :func:`set_compression` and ``docs/deploy.md``
   for the measurements behind ``chatcore serve``'s default.
+
+* **The wire.** hypercorn inflates compressed messages before checking their
+  size and drops TCP without a close frame on a WebSocket protocol error;
+  :mod:`chatcore._wire_guard` bounds the one and answers the other (1002,
+  1007, 1009), and ``docs/security.md`` lists what a client sees.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from __future__ import annotations
 import functools
 import zlib
 from collections.abc import Generator
+from types import ModuleType
 from typing import ClassVar
 
 import wsproto.connection
@@ -80,10 +81,24 @@ class BoundedPerMessageDeflate(wsproto.extensions.PerMessageDeflate):
     #: Most bytes one message may inflate to.
     max_message_bytes: ClassVar[int] = 65_536
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(
+        self,
+        client_no_context_takeover: bool = False,
+        client_max_window_bits: int | None = None,
+        server_no_context_takeover: bool = False,
+        server_max_window_bits: int | None = None,
+    ) -> None:
+        super().__init__(
+            client_no_context_takeover,
+            client_max_window_bits,
+            server_no_context_takeover,
+            server_max_window_bits,
+        )
         # Bytes the current message inflated to so far.
         self._inflated = 0
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}; max_message_bytes={self.max_message_bytes}>"
 
     def frame_inbound_header(
         self,
@@ -179,13 +194,13 @@ class AnsweringConnection(wsproto.connection.Connection):
             yield event
 
 
-def _hypercorn_ws_stream() -> object:
+def _hypercorn_ws_stream() -> ModuleType:
     from hypercorn.protocol import ws_stream
 
     return ws_stream
 
 
-def _bound_class(module: object, name: str, base: type) -> type | None:
+def _bound_class(module: ModuleType, name: str, base: type) -> type | None:
     current = getattr(module, name, None)
     return current if isinstance(current, type) and issubclass(current, base) else None
 
