@@ -555,6 +555,7 @@ def test_bounded_deflate_rejects_corrupt_data_with_1007() -> None:
 def test_bounded_deflate_classes() -> None:
     assert bounded_deflate(1000) is bounded_deflate(1000)
     assert bounded_deflate(1000).max_message_bytes == 1000
+    assert repr(bounded_deflate(1000)()).endswith("; max_message_bytes=1000>")
     assert issubclass(bounded_deflate(1000), BoundedPerMessageDeflate)
     assert DeclinedPerMessageDeflate().accept("permessage-deflate") is None
     with pytest.raises(ValueError, match="must be > 0"):
@@ -813,3 +814,13 @@ async def test_a_client_that_resets_after_an_oversized_head_harms_nothing(tmp_pa
                 await client.aclose()
             await assert_bystander_served(target.port)
             await wait_connections(target, 0)
+
+
+def test_chatcore_serve_gives_hypercorn_the_head_bound() -> None:
+    from chatcore._serve import hypercorn_config
+    from chatcore.asgi import ASGIApp
+
+    limits = HandshakeLimits(max_head_bytes=4_096)
+    config = hypercorn_config(ASGIApp(Hub(), config=Config(handshake_limits=limits)))
+    assert config.h11_max_incomplete_size == 4_096
+    assert hypercorn_config(ASGIApp(Hub())).h11_max_incomplete_size == 16_384
