@@ -84,7 +84,10 @@ _ACCEPT_PAUSE_ERRNOS = frozenset(
     if (code := getattr(errno, name, None)) is not None
 )
 _ACCEPT_BATCH = 64
-_BAD_HEAD = b"HTTP/1.1 %d %s\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_BAD_HEAD = (
+    b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: %d\r\nconnection: close\r\n\r\n"
+)
 
 
 @attrs.define(eq=False)
@@ -172,7 +175,7 @@ class LeanServer:
         head: HandshakeHead | None = None
         try:
             with trio.move_on_after(cfg.handshake_timeout):
-                head = await read_request_head(sock)
+                head = await read_request_head(sock, cfg.handshake_limits)
             if head is None:
                 return  # no whole request in time: dropped
             if head.websocket_upgrade:
@@ -189,8 +192,9 @@ class LeanServer:
         except PeerGone:
             pass
         except HeadRefused as exc:
-            phrase = h11_reason(exc.status)
-            if await write_all(sock, _BAD_HEAD % (exc.status, phrase)):
+            text = str(exc).encode() + b"\n"
+            response = _BAD_HEAD % (exc.status, h11_reason(exc.status), len(text)) + text
+            if await write_all(sock, response):
                 await _linger_close(sock)
         except BaseException as exc:
             _firewall(exc, head.client if head else None)

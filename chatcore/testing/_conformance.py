@@ -187,7 +187,7 @@ async def open_lean_pair(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_size)
     try:
         with trio.fail_after(cfg.handshake_timeout):
-            head = await read_request_head(sock)
+            head = await read_request_head(sock, cfg.handshake_limits)
         server = LeanStream(sock, head, cfg.max_message_bytes)
         try:
             yield server, peer

@@ -59,10 +59,15 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .._exceptions import LocalProtocolError, PeerGone, RemoteProtocolError
 from .._transport import MessageStream
-from ..sansio import HandshakeRequest, handshake_status_for
+from ..sansio import (
+    HandshakeLimits,
+    HandshakeRequest,
+    check_request_head,
+    check_websocket_key,
+    handshake_status_for,
+)
 
 __all__ = [
-    "MAX_HEAD_BYTES",
     "HandshakeHead",
     "LeanStream",
     "drop_socket",
@@ -71,8 +76,6 @@ __all__ = [
 
 logger = logging.getLogger("chatcore.transport")
 
-#: Largest request head (request line and headers) read before answering 431.
-MAX_HEAD_BYTES = 16_384
 #: Bytes asked of the kernel per read.
 RECEIVE_SIZE = 65_536
 # The longest close reason that fits a control frame (125 - 2 bytes of code).
@@ -166,9 +169,12 @@ class HandshakeHead:
             return 400, "missing Connection: Upgrade"
         if self.header(b"sec-websocket-version") != b"13":
             return 426, "unsupported WebSocket version (13 only)"
-        key = self.header(b"sec-websocket-key")
-        if key is None or len(key.strip()) != 24:
-            return 400, "missing or malformed Sec-WebSocket-Key"
+        refusal = check_websocket_key(
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in self.request.headers
+        )
+        if refusal is not None:
+            return refusal.status, refusal.body.decode("utf-8", "replace")
         return None
 
     def handshake_request(self) -> HandshakeRequest:
@@ -204,14 +210,21 @@ class HeadRefused(Exception):
         self.status = status
 
 
-async def read_request_head(sock: socket.socket) -> HandshakeHead:
+async def read_request_head(
+    sock: socket.socket, limits: HandshakeLimits | None = None
+) -> HandshakeHead:
     """Read one HTTP request head from ``sock`` (the caller bounds the time).
+
+    Args:
+        sock: The connected socket, non-blocking.
+        limits: Bounds on the head (default :class:`~chatcore.sansio.HandshakeLimits` ``()``).
 
     Raises:
         PeerGone: the client left (or reset) before a whole head arrived.
-        HeadRefused: the head is malformed (400) or too large (431).
+        HeadRefused: the head is malformed (400) or passes a bound (414, 431).
     """
-    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    limits = limits or HandshakeLimits()
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
     try:
         address = sock.getpeername()
         client = (str(address[0]), int(address[1]))
@@ -232,11 +245,11 @@ async def read_request_head(sock: socket.socket) -> HandshakeHead:
             connection.receive_data(data)
             continue
         if isinstance(event, h11.Request):
-            # h11 bounds a head still arriving; one that arrived whole in a
-            # single read is measured here.
-            size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-            if size > MAX_HEAD_BYTES:
-                raise HeadRefused(431, "request head too large")
+            # h11 bounds a head still arriving; every bound is applied to
+            # the parsed head (a whole head can arrive in one read).
+            refusal = check_request_head(event.target, event.headers, limits)
+            if refusal is not None:
+                raise HeadRefused(refusal.status, refusal.body.decode("utf-8", "replace"))
             return HandshakeHead(connection, event, client)
         raise PeerGone(None)  # ConnectionClosed: EOF before a request
 
