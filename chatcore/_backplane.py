@@ -60,6 +60,7 @@ from .sansio import (
     UserDisconnect,
     UserMessage,
 )
+from .sansio._history import HistoryBudget
 from .sansio._protocol import encode_message
 
 __all__ = [
@@ -97,12 +98,19 @@ class HistoryConfig:
             beyond it the least recently used rooms without members are
             forgotten, and get a new epoch if they come back. A room with
             members is never forgotten.
+        total_bytes: Memory the histories of all rooms may hold together
+            (in-process backplane only; ``None``: no limit). Past it, rooms
+            without members are forgotten, least recently used first, then
+            the histories of rooms with members are emptied, least recently
+            published first. Counted as the size of the held texts in memory
+            plus a fixed cost per message.
     """
 
     max_messages: int = attrs.field(default=1_000, validator=_positive)
     max_age: float | None = attrs.field(default=3_600.0, validator=_positive_or_none)
     max_bytes: int | None = attrs.field(default=1_048_576, validator=_positive_or_none)
     rooms: int = attrs.field(default=10_000, validator=_positive)
+    total_bytes: int | None = attrs.field(default=256 * 1024 * 1024, validator=_positive_or_none)
 
 
 @attrs.frozen
@@ -276,9 +284,11 @@ class Backplane(abc.ABC):
 class _RoomStore:
     __slots__ = ("epoch", "history")
 
-    def __init__(self, history: HistoryConfig) -> None:
+    def __init__(self, history: HistoryConfig, budget: HistoryBudget) -> None:
         self.epoch = secrets.token_hex(4)
-        self.history = History(history.max_messages, history.max_age, history.max_bytes)
+        self.history = History(
+            history.max_messages, history.max_age, history.max_bytes, budget=budget
+        )
 
 
 class LocalBackplane(Backplane):
@@ -304,6 +314,18 @@ class LocalBackplane(Backplane):
         self._watched: set[str] = set()
         # The other stored rooms, least recently used first: forgotten first.
         self._idle: OrderedDict[str, None] = OrderedDict()
+        # Memory held by every room's history together (history.total_bytes).
+        self._budget = HistoryBudget(self.history.total_bytes)
+
+    @property
+    def history_bytes(self) -> int:
+        """Memory the rooms' histories hold now (as ``HistoryConfig.total_bytes`` counts it)."""
+        return self._budget.held
+
+    @property
+    def rooms_kept(self) -> int:
+        """Rooms whose order is kept in memory (with or without members)."""
+        return len(self._rooms)
 
     def attach(self, sink: BackplaneSink) -> None:
         """See :meth:`Backplane.attach`."""
@@ -326,13 +348,26 @@ class LocalBackplane(Backplane):
         """Forget least recently used unwatched rooms while more than ``limit`` are kept."""
         while len(self._rooms) > limit and self._idle:
             name, _ = self._idle.popitem(last=False)
-            del self._rooms[name]
+            self._rooms.pop(name).history.clear()
+
+    def _shrink(self) -> None:
+        """Get back under ``history.total_bytes``: rooms without members go first."""
+        budget = self._budget
+        while budget.over and self._idle:
+            name, _ = self._idle.popitem(last=False)
+            self._rooms.pop(name).history.clear()
+        # Rooms with members keep their order (epoch, offset); only their
+        # held messages go, least recently published first.
+        for store in list(self._rooms.values()):
+            if not budget.over:
+                break
+            store.history.clear()
 
     def _store(self, room: str) -> _RoomStore:
         store = self._rooms.get(room)
         if store is None:
             self._forget(self.history.rooms - 1)
-            store = self._rooms[room] = _RoomStore(self.history)
+            store = self._rooms[room] = _RoomStore(self.history, self._budget)
             if room not in self._watched:
                 self._idle[room] = None
         elif room in self._idle:
@@ -350,6 +385,10 @@ class LocalBackplane(Backplane):
         # Encode before the offset is taken: unencodable data leaves no gap.
         message = encode_message(room, offset, store.epoch, sender, data)
         history.append(offset, message, trio.current_time())
+        # Least recently published first in _rooms, for _shrink.
+        self._rooms[room] = self._rooms.pop(room)
+        if self._budget.over:
+            self._shrink()
         if self._sink is not None:
             self._sink.backplane_event(Sequenced(room, store.epoch, offset, message, nonce))
         return Position(store.epoch, offset)

@@ -42,6 +42,7 @@ from ..sansio import (
     decode_node_event,
     encode_node_event,
 )
+from ..sansio._protocol import text_message
 from ._records import (
     BURST,
     CATCH_UP_ROUND,
@@ -419,11 +420,12 @@ class RedisBackplane(Backplane):
             for offset, at_ms, text in parse_entries(raw_entries):
                 if offset != expected or (oldest_ms is not None and at_ms < oldest_ms):
                     return None
+                message = text_message(text)
                 if budget is not None:
-                    budget -= len(text)
+                    budget -= message.nbytes
                     if budget < 0:
                         return None
-                result.append(Sequenced(room, epoch, offset, OutboundMessage(text, len(text))))
+                result.append(Sequenced(room, epoch, offset, message))
                 expected += 1
             return result
         raise BackplaneError("Redis is unavailable: cannot replay the room")
@@ -486,7 +488,7 @@ class RedisBackplane(Backplane):
                 None if self.history.max_age is None else now_ms - self.history.max_age * 1000
             )
             result = [
-                Sequenced(room, epoch, offset, OutboundMessage(text, len(text)))
+                Sequenced(room, epoch, offset, text_message(text))
                 for offset, at_ms, text in parse_entries(as_list(reply[2]))
                 if oldest_ms is None or at_ms >= oldest_ms
             ]
@@ -676,7 +678,7 @@ class RedisBackplane(Backplane):
         else:
             self._duplicates += 1
         self._delivered += 1
-        self._emit(Sequenced(room, epoch, offset, OutboundMessage(text, len(text)), nonce))
+        self._emit(Sequenced(room, epoch, offset, text_message(text), nonce))
 
     # -- incoming ---------------------------------------------------------
 

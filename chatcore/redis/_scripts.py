@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from typing import Final
+
+from ..sansio._outbox import dumps
 
 __all__ = ["JSON", "LEASE_LUA", "PUBLISH_LUA", "READ_LUA", "RECENT_LUA", "SCRIPTS"]
 
+
+class _WireJSON:
+    """Encodes with :func:`chatcore.sansio._outbox.dumps` (``JSON.encode(value)``)."""
+
+    encode = staticmethod(dumps)
+
+
 # One JSON encoder with exactly the options of chatcore.sansio.encode, so every
 # fragment the script concatenates is byte-identical to encode_message's.
-JSON: Final = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+JSON: Final = _WireJSON()
 
 #: Sequence, store and publish one room message (Rule 1).
 #: KEYS: meta, log. ARGV: fresh epoch, room JSON, sender JSON, data JSON,
