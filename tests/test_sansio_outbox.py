@@ -58,14 +58,16 @@ def test_encode_is_one_utf8_line(data: str) -> None:
 
 def test_encode_sends_characters_beyond_ascii_as_utf8() -> None:
     m = encode({"type": "message", "data": "émoji 🎉"})
-    assert "🎉" in m.text and "\\u" not in m.text
+    assert "🎉" in m.text
+    assert "\\u" not in m.text
     assert m.nbytes == len(m.text.encode("utf-8")) == len(m.text) + 4
 
 
 def test_encode_escapes_a_lone_surrogate_as_ascii_json() -> None:
     # Not encodable as UTF-8: the text falls back to JSON's ASCII escapes.
     m = encode({"type": "message", "data": "a\ud800 🎉"})
-    assert m.text.isascii() and "\\ud800" in m.text
+    assert m.text.isascii()
+    assert "\\ud800" in m.text
     assert json.loads(m.text)["data"] == "a\ud800 🎉"
 
 
