@@ -294,11 +294,13 @@ def parse_client_message(text: str) -> ClientMessage | BadFrame:
         and _too_deep(obj)
     ):
         return BadFrame(ErrorCode.BAD_MESSAGE, f"nested more than {MAX_NESTING} levels deep")
-    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(obj):
-        return BadFrame(ErrorCode.BAD_MESSAGE, "a string holds a lone surrogate (not UTF-8)")
     if not isinstance(obj, dict):
         return BadFrame(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
     ref_ok, ref = _ref(obj)
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(obj):
+        if isinstance(ref, str) and _SURROGATE.search(ref):
+            ref = None  # it could not be echoed back
+        return BadFrame(ErrorCode.BAD_MESSAGE, "a string holds a lone surrogate (not UTF-8)", ref)
     kind = obj.get("type")
     if not isinstance(kind, str) or not kind:
         return BadFrame(ErrorCode.BAD_MESSAGE, "missing or invalid 'type'", ref)
