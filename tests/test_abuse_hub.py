@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -31,6 +31,11 @@ from chatcore.sansio._budget import FrameBudget, Spend
 from chatcore.sansio._history import History, HistoryBudget, held_size
 from chatcore.testing import TestClient, open_test_client
 from chatcore.transports import TextFrame
+
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
+pytest_plugins = ("tests.redis_server",)
 
 #: A 64 KB (UTF-8) message of emoji, as the hoarder sent (under the 64 KiB frame limit).
 EMOJI_64K = "😀" * 16_000
@@ -198,6 +203,36 @@ async def test_rooms_per_process_are_capped(autojump_clock: trio.abc.Clock) -> N
         await alice.leave("a")
         await alice.join("c")
         assert hub.rooms() == ["b", "c"]
+
+
+@pytest.mark.slow
+async def test_redis_keeps_each_room_within_its_bytes_and_count(
+    redis_server: RedisServer,
+) -> None:
+    from chatcore.redis import RedisBackplane
+
+    history = HistoryConfig(max_messages=100, max_age=None, max_bytes=10_000)
+    backplane = RedisBackplane(redis_server.url, history=history, prefix="abuse")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backplane.run)
+        with trio.fail_after(20):
+            await backplane.wait_connected()
+            for _ in range(60):  # 60 x ~1.1 KB into a 10 KB room
+                await backplane.publish("big", "u", "😀" * 250, None)
+            kept = await backplane.recent("big", 1_000)
+            assert 0 < sum(item.message.nbytes for item in kept) <= 10_000
+            assert [item.offset for item in kept] == list(range(61 - len(kept), 61))
+            for _ in range(300):  # 300 small ones into a 100-message room
+                await backplane.publish("many", "u", "x", None)
+            kept = await backplane.recent("many", 1_000)
+            assert 100 <= len(kept) <= 100 + 64
+            assert kept[-1].offset == 300
+            # One message larger than the room's bytes is not kept at all.
+            await backplane.publish("big", "u", "x" * 20_000, None)
+            assert await backplane.recent("big", 1_000) == []
+            await backplane.publish("big", "u", "y", None)
+            assert [item.offset for item in await backplane.recent("big", 10)] == [62]
+        nursery.cancel_scope.cancel()
 
 
 # -- 2. every frame has a cost --------------------------------------------------------

@@ -79,10 +79,12 @@ class RedisBackplane(Backplane):
         url: The Redis URL (``redis://[user:password@]host:port/db``,
             ``rediss://`` for TLS, ``unix:///path/to/socket``).
         history: How much of each room's order is kept for recovery:
-            ``max_messages`` caps the stream (approximately: Redis trims whole
-            blocks, so a little more may be kept), ``max_age`` expires the
-            stream of an idle room and bounds replay, ``max_bytes`` bounds one
-            replay. ``rooms`` does not apply (Redis holds every room).
+            ``max_messages`` caps the stream (approximately: up to 64 more
+            may be kept between trims), ``max_bytes`` caps the bytes of its
+            messages (exactly) and bounds one replay, ``max_age`` expires the
+            stream of an idle room and bounds replay. ``rooms`` and
+            ``total_bytes`` do not apply (Redis holds every room: size Redis's
+            ``maxmemory`` for rooms active within ``max_age``).
         node_id: This node's id, unique across the deployment (default: a
             random one).
         prefix: Prefix of every Redis key and channel (deployments sharing one
@@ -331,6 +333,7 @@ class RedisBackplane(Backplane):
             self._channel(room).decode(),
             self._log_ttl_ms,
             self._meta_ttl_ms,
+            str(self.history.max_bytes or 0),
         )
         if nonce is not None and "\n" in nonce:
             raise ValueError("a publish nonce cannot contain a newline")
