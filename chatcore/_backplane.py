@@ -331,6 +331,36 @@ class LocalBackplane(Backplane):
         """See :meth:`Backplane.attach`."""
         self._sink = sink
 
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep aged messages out of every room until cancelled.
+
+        With ``history.max_age`` set, every ``max_age / 10`` seconds (at most a
+        minute) messages past their age are dropped from every room, and rooms
+        without members left holding nothing are forgotten, so a room nobody
+        comes back to gives its memory back without waiting to be pushed out.
+        """
+        task_status.started()
+        max_age = self.history.max_age
+        if max_age is None:
+            await trio.sleep_forever()
+        while True:
+            await trio.sleep(min(max_age / 10, 60.0))
+            self.sweep(trio.current_time())
+
+    def sweep(self, now: float) -> int:
+        """Drop messages older than ``history.max_age`` at ``now`` from every room.
+
+        Returns:
+            How many rooms without members were forgotten (they held nothing more).
+        """
+        for store in self._rooms.values():
+            store.history.trim(now)
+        empty = [name for name in self._idle if not len(self._rooms[name].history)]
+        for name in empty:
+            del self._idle[name]
+            del self._rooms[name]
+        return len(empty)
+
     def watch(self, room: str) -> None:
         """See :meth:`Backplane.watch` (the room's order is kept while watched)."""
         self._watched.add(room)

@@ -39,12 +39,14 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
+import attrs
 import trio
 
 from ._backplane import (
     Backplane,
     BackplaneEvent,
     BackplaneSink,
+    HistoryConfig,
     LocalBackplane,
     NodeDown,
     Reconnected,
@@ -588,10 +590,22 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
 
 
 def _default_backplane() -> Backplane:
-    """Redis when ``CHATCORE_REDIS_URL`` is set, else in process."""
+    """Redis when ``CHATCORE_REDIS_URL`` is set, else in process.
+
+    In process, ``CHATCORE_HISTORY_BYTES`` (an integer) sets the history budget
+    and ``CHATCORE_HISTORY_MAX_AGE`` (seconds) how long messages are kept
+    (:class:`~chatcore.HistoryConfig` ``total_bytes`` and ``max_age``).
+    """
     url = os.environ.get("CHATCORE_REDIS_URL")
     if not url:
-        return LocalBackplane()
+        history = HistoryConfig()
+        budget = os.environ.get("CHATCORE_HISTORY_BYTES")
+        if budget:
+            history = attrs.evolve(history, total_bytes=int(budget))
+        max_age = os.environ.get("CHATCORE_HISTORY_MAX_AGE")
+        if max_age:
+            history = attrs.evolve(history, max_age=float(max_age))
+        return LocalBackplane(history)
     from .redis import RedisBackplane  # needs the ``chatcore[redis]`` extra
 
     return RedisBackplane(url)

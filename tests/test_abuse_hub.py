@@ -413,3 +413,25 @@ def test_a_lone_surrogate_from_the_server_side_is_escaped_not_lost() -> None:
     message: OutboundMessage = encode({"type": "message", "data": "\ud800"})
     assert json.loads(message.text)["data"] == "\ud800"
     assert message.nbytes == len(message.text.encode())
+
+
+async def test_the_sweep_gives_back_rooms_nobody_comes_back_to(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backplane = LocalBackplane(HistoryConfig(max_age=60))
+    hub = chat_hub(HubConfig(), backplane)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        async with clients(hub, ["bob", "mallory"]) as [bob, mallory]:
+            await bob.join("lobby")
+            await bob.publish("lobby", "hi")
+            for n in range(5):
+                await mallory.join(f"gone-{n}")
+                await mallory.publish(f"gone-{n}", EMOJI_64K)
+                await mallory.leave(f"gone-{n}")
+            assert backplane.rooms_kept == 6
+            await trio.sleep(70)  # past max_age, and a sweep (every 6 s)
+            assert backplane.rooms_kept == 1  # the lobby has a member: kept, with its order
+            assert backplane.history_bytes == 0
+            assert await bob.publish("lobby", "again") == 2
+        nursery.cancel_scope.cancel()

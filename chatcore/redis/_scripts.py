@@ -22,7 +22,7 @@ JSON: Final = _WireJSON()
 #: Sequence, store and publish one room message (Rule 1).
 #: KEYS: meta, log. ARGV: fresh epoch, room JSON, sender JSON, data JSON,
 #: nonce, max messages, channel, log TTL ms (0: none), meta TTL ms (0: none),
-#: max bytes (0: none).
+#: max bytes (0 or absent: none).
 #: The stream is trimmed from its old end by count (up to 64 more may
 #: be kept, as ``MAXLEN ~`` would) and by the bytes of its texts, counted in
 #: the meta hash's ``b`` (reset whenever the stream starts anew).
@@ -43,7 +43,7 @@ local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
 if redis.call('EXISTS', log) == 0 then redis.call('HSET', meta, 'b', 0) end
 redis.call('XADD', log, o .. '-0', 't', ms, 'm', text)
 local held = redis.call('HINCRBY', meta, 'b', #text)
-local max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[10])
+local max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[10] or '0')
 local excess = redis.call('XLEN', log) - max_n
 if excess > 64 or (max_b > 0 and held > max_b) then
   local keep, start = nil, '-'
