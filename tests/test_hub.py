@@ -28,6 +28,8 @@ Error codes (``error.code``):
   ``test_on_publish_transforms_and_refuses``
 - ``rate_limited``: ``test_rate_limit_burst_then_refill``
 - ``too_many_rooms``: ``test_max_rooms_per_connection``
+- ``at_capacity``: ``test_abuse_hub.py::test_rooms_per_process_are_capped``
+- ``too_many_new_rooms``: ``test_abuse_hub.py::test_new_rooms_per_user_are_rate_limited``
 - ``internal``: ``test_app_handler_crash_answers_internal_and_closes_1011``
 
 Close codes (server-initiated):
