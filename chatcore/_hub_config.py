@@ -26,6 +26,12 @@ def _costs(value: Mapping[str, float]) -> Mapping[str, float]:
 
 
 def _non_negative_costs(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    unknown = set(value) - set(DEFAULT_FRAME_COSTS)
+    if unknown:
+        raise ValueError(
+            f"HubConfig.frame_costs: {sorted(unknown)} are not built-in frame types "
+            "(application types declare their cost with Hub.on(type, cost=...))"
+        )
     for kind, cost in value.items():
         if not cost >= 0:
             raise ValueError(f"HubConfig.frame_costs[{kind!r}] must be >= 0, got {cost!r}")

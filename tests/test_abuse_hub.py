@@ -341,6 +341,27 @@ async def test_ping_and_pong_floods_close_1008(autojump_clock: trio.abc.Clock) -
         await bob2.ping()  # the same user's other connection has its own budget
 
 
+def test_frame_costs_are_the_defaults_overridden_and_checked() -> None:
+    costs = HubConfig(frame_costs={"ping": 2}).frame_costs
+    assert dict(costs) == {"publish": 1, "join": 1, "leave": 1, "ping": 2, "pong": 0.1}
+    with pytest.raises(ValueError, match="must be >= 0"):
+        HubConfig(frame_costs={"join": -1})
+    with pytest.raises(ValueError, match="not built-in"):
+        HubConfig(frame_costs={"typing": 1})
+
+
+async def test_leave_is_paid_for_too(autojump_clock: trio.abc.Clock) -> None:
+    hub = chat_hub(HubConfig(publish_burst=2, frame_costs={"leave": 2}))
+    async with clients(hub, ["alice"]) as [alice]:
+        await alice.join("r")
+        reply = await alice.request("leave", room="r")
+        assert reply["error"] == {"code": "rate_limited", "message": "leaving too fast"}
+        assert hub.rooms() == ["r"]
+        await trio.sleep(1)
+        await alice.leave("r")
+        assert hub.rooms() == []
+
+
 def test_frame_budget_verdicts_and_debt() -> None:
     budget = FrameBudget(
         rate=10, burst=4, abuse_limit=1, abuse_window=60, reply_bytes_per_token=100, now=0
