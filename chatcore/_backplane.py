@@ -49,6 +49,7 @@ import trio
 
 from ._config import _positive, _positive_or_none
 from ._exceptions import ChatcoreError
+from ._memory import release_free_memory
 from .sansio import (
     History,
     NodeEvent,
@@ -84,6 +85,10 @@ class BackplaneError(ChatcoreError):
     Whose fault: the infrastructure's. The hub answers the request with the
     ``unavailable`` error code; open connections stay up.
     """
+
+
+#: History freed by one sweep after which free memory is handed back to the system.
+_RELEASE_AFTER = 8 * 1024 * 1024
 
 
 @attrs.frozen
@@ -338,6 +343,8 @@ class LocalBackplane(Backplane):
         minute) messages past their age are dropped from every room, and rooms
         without members left holding nothing are forgotten, so a room nobody
         comes back to gives its memory back without waiting to be pushed out.
+        After a sweep that freed 8 MiB or more, the C allocator is asked to
+        return its free pages to the system (glibc's ``malloc_trim``).
         """
         task_status.started()
         max_age = self.history.max_age
@@ -345,7 +352,10 @@ class LocalBackplane(Backplane):
             await trio.sleep_forever()
         while True:
             await trio.sleep(min(max_age / 10, 60.0))
+            held = self._budget.held
             self.sweep(trio.current_time())
+            if held - self._budget.held >= _RELEASE_AFTER:
+                release_free_memory()  # else the freed texts stay in the RSS
 
     def sweep(self, now: float) -> int:
         """Drop messages older than ``history.max_age`` at ``now`` from every room.

@@ -456,3 +456,36 @@ async def test_the_sweep_gives_back_rooms_nobody_comes_back_to(
             assert backplane.history_bytes == 0
             assert await bob.publish("lobby", "again") == 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_large_sweep_hands_free_memory_back(
+    autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chatcore._backplane
+
+    released: list[float] = []
+    monkeypatch.setattr(
+        chatcore._backplane, "release_free_memory", lambda: released.append(trio.current_time())
+    )
+    backplane = LocalBackplane(HistoryConfig(max_age=60))
+    hub = chat_hub(HubConfig(), backplane)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.run)
+        for n in range(140):  # about 9 MiB in rooms without members
+            await hub.publish(f"r{n}", EMOJI_64K)
+        assert backplane.history_bytes > 8 * 2**20
+        await trio.sleep(59)
+        assert released == []
+        await trio.sleep(10)
+        assert backplane.history_bytes == 0
+        assert len(released) == 1
+        nursery.cancel_scope.cancel()
+
+
+def test_release_free_memory_is_glibc_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chatcore import _memory
+
+    monkeypatch.setattr(_memory.sys, "platform", "darwin")
+    assert _memory._malloc_trim.__wrapped__() is None
+    monkeypatch.setattr(_memory, "_malloc_trim", lambda: None)
+    assert _memory.release_free_memory() is False
