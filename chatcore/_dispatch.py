@@ -16,9 +16,10 @@ so one connection's messages are handled in order.
 * ``leave``, ``ping``, ``pong``; bad frames (counted: too many close with 1008);
   application-defined types (``Hub.on``).
 
-Every frame but a bad one is paid for first from the connection's
-:class:`~chatcore.sansio.FrameBudget` (its type's cost), and what the server
-answers the asker (replies, a replayed backlog) is charged by size after.
+Every frame but a bad one is paid for first from the connection's frame
+budget (``chatcore.sansio._budget.FrameBudget``: its type's cost), and what
+the server answers a join or an application request (its reply, a replayed
+backlog) is charged by size after.
 A refused frame is answered ``rate_limited`` and does nothing else; too many
 refusals close the connection with 1008.
 
@@ -153,10 +154,10 @@ class Dispatcher:
             if self._pay(member, costs["leave"], message.ref, "leaving too fast"):
                 if message.room in member.rooms:
                     self.registry.remove_member(member, message.room)
-                self._charge(member, answer(member.connection, message.ref, {"room": message.room}))
+                answer(member.connection, message.ref, {"room": message.room})
         elif isinstance(message, Ping):
             if self._pay(member, costs["ping"], message.ref, "pinging too fast"):
-                self._charge(member, answer(member.connection, message.ref))
+                answer(member.connection, message.ref)
         elif isinstance(message, BadFrame):
             self._bad_frame(member, message.code, message.message, message.ref)
         else:
