@@ -340,9 +340,10 @@ class LocalBackplane(Backplane):
         """Sweep aged messages out of every room until cancelled.
 
         With ``history.max_age`` set, every ``max_age / 10`` seconds (at most a
-        minute) messages past their age are dropped from every room, and rooms
-        without members left holding nothing are forgotten, so a room nobody
-        comes back to gives its memory back without waiting to be pushed out.
+        minute) messages past their age are dropped from every room, so a room
+        nobody comes back to gives its memory back without waiting to be pushed
+        out. The room's order (epoch, last offset) stays: a client that missed
+        nothing still recovers; the rooms kept are bounded by ``history.rooms``.
         After a sweep that freed 8 MiB or more, the C allocator is asked to
         return its free pages to the system (glibc's ``malloc_trim``).
         """
@@ -361,15 +362,9 @@ class LocalBackplane(Backplane):
         """Drop messages older than ``history.max_age`` at ``now`` from every room.
 
         Returns:
-            How many rooms without members were forgotten (they held nothing more).
+            How many messages were dropped.
         """
-        for store in self._rooms.values():
-            store.history.trim(now)
-        empty = [name for name in self._idle if not len(self._rooms[name].history)]
-        for name in empty:
-            del self._idle[name]
-            del self._rooms[name]
-        return len(empty)
+        return sum(store.history.trim(now) for store in self._rooms.values())
 
     def watch(self, room: str) -> None:
         """See :meth:`Backplane.watch` (the room's order is kept while watched)."""
