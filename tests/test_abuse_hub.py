@@ -9,6 +9,7 @@ serve``) run through ``bench/abuse.py --quick`` in ``test_bench_smoke.py``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -488,8 +489,13 @@ async def test_a_large_sweep_hands_free_memory_back(
 
 
 def test_release_free_memory_is_glibc_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
     from chatcore import _memory
 
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert (_memory._malloc_trim.__wrapped__() is not None) == glibc
+    assert _memory.release_free_memory() == glibc
     monkeypatch.setattr(_memory.sys, "platform", "darwin")
     assert _memory._malloc_trim.__wrapped__() is None
     monkeypatch.setattr(_memory, "_malloc_trim", lambda: None)
