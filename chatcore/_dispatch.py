@@ -25,6 +25,7 @@ from typing import Any, TypeAlias
 
 import trio
 
+from . import _observe
 from ._backplane import Backplane, BackplaneError
 from ._connection import Connection
 from ._presence_relay import PresenceRelay
@@ -122,6 +123,7 @@ class Dispatcher:
     async def _join(self, member: Member, message: Join) -> None:
         name = message.room
         connection = member.connection
+        began = _observe.publish_began()  # None unless tracing observes joins
         if name in member.rooms:
             self._answer_member(member, message)
             return
@@ -171,6 +173,8 @@ class Dispatcher:
         for item in replay:
             connection.offer(item.message)
         self.presence.joined(member, room, backlog)
+        if began is not None:
+            _observe.join_done(began, connection, name, recovered, len(replay))
 
     async def join_from_server(self, member: Member, name: str) -> bool:
         """Make ``member`` a member of room ``name`` (``Hub.join``); False if it closed meanwhile.
@@ -233,6 +237,7 @@ class Dispatcher:
 
     async def _publish(self, member: Member, message: Publish) -> None:
         connection = member.connection
+        began = _observe.publish_began()  # None unless metrics/tracing observe publishes
         # Every publish frame spends a token, joined or not, so a client cannot
         # flood with publishes to rooms it is not in.
         now = trio.current_time()
@@ -268,10 +273,14 @@ class Dispatcher:
             answer_error(
                 connection, message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later"
             )
+            if began is not None:
+                _observe.publish_acked(began, connection, room.name, False)
             return
         finally:
             waiting = self.registry.publish_done(nonce)
         self.published += 1
+        if began is not None:
+            _observe.publish_acked(began, connection, room.name, True)
         if waiting:
             # Sequenced, but not delivered here yet (a gap is being filled): the
             # publisher learns its offset now; the message follows.
