@@ -69,6 +69,8 @@ __all__ = [
 
 logger = logging.getLogger("chatcore.metrics")
 
+#: The exposition format served (Prometheus' text format 0.0.4).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds between two wake-ups of the scheduler-lag probe.
 LAG_PROBE_INTERVAL = 0.25
 
@@ -507,11 +509,12 @@ def render(app: ASGIApp) -> tuple[bytes, str]:
     Raises:
         ImportError: ``prometheus-client`` is not installed.
     """
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+    from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ChatcoreCollector(app))
-    return generate_latest(REGISTRY) + generate_latest(registry), CONTENT_TYPE_LATEST
+    # The classic text format: every Prometheus 2.x reads it.
+    return generate_latest(REGISTRY) + generate_latest(registry), CONTENT_TYPE
 
 
 # -- serving ---------------------------------------------------------------------------------
