@@ -44,6 +44,7 @@ import trio
 
 from . import _observe
 from ._logs import KNOWN_CODES
+from .sansio import ConnectionState
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -284,8 +285,11 @@ class ConnectionMetrics:
         totals = dict(self.closed_totals)
         outbox = Buckets(OUTBOX_BUCKETS)
         queued = 0
+        opened = 0  # open connections: their handshake was answered 101
         for connection in list(self.live):
             stats = connection.statistics()
+            if stats.state is ConnectionState.OPEN or stats.state is ConnectionState.CLOSING:
+                opened += 1
             totals["messages_received"] += stats.messages_received
             totals["messages_queued"] += stats.messages_queued
             totals["frames_sent"] += stats.frames_sent
@@ -293,6 +297,7 @@ class ConnectionMetrics:
             outbox.observe(stats.outbox_bytes)
             queued += stats.outbox_bytes
         totals["queued_bytes"] = queued
+        totals["opened"] = opened
         return totals, outbox
 
 
@@ -341,7 +346,10 @@ def _families(app: ASGIApp, metrics: ConnectionMetrics) -> Iterator[Metric]:
     handshakes = CounterMetricFamily(
         "chatcore_handshakes", "WebSocket handshakes answered, by HTTP status.", labels=["status"]
     )
-    for status, count in sorted(metrics.handshakes.items()):
+    counts = dict(metrics.handshakes)
+    if totals["opened"]:
+        counts[101] = counts.get(101, 0) + totals["opened"]
+    for status, count in sorted(counts.items()):
         handshakes.add_metric([str(status)], count)
     yield handshakes
     closes = CounterMetricFamily(
