@@ -49,7 +49,7 @@ import trio
 from ._config import Config
 from ._connection import ConnectionHandler
 from ._server import ServedHandler, refuse_asgi_websocket, serve_asgi_websocket, served
-from .metrics import handshake_refused, metrics_enable, metrics_started, serve_metrics
+from .metrics import handshake_refused, metrics_started, serve_metrics
 from .static import serve_client_script
 from .transports._asgi_stream import (
     LINGER,
@@ -173,8 +173,6 @@ class ASGIApp:
         self.unready_when_degraded = unready_when_degraded
         #: Where Prometheus metrics are served, or ``None`` (see chatcore.metrics).
         self.metrics_path = metrics_path
-        if metrics_path is not None:
-            metrics_enable(metrics_path)
         self._config = config
         self._default_config = Config()
         self._retry_after = retry_after

@@ -61,7 +61,6 @@ __all__ = [
     "connection_metrics",
     "missing_reason",
     "handshake_refused",
-    "metrics_enable",
     "metrics_started",
     "render",
     "serve_metrics",
@@ -528,12 +527,6 @@ def render(app: ASGIApp) -> tuple[bytes, str]:
 # -- serving ---------------------------------------------------------------------------------
 
 
-def metrics_enable(path: str) -> None:
-    """Start counting (once per process) if ``prometheus-client`` is installed."""
-    if available():
-        connection_metrics()
-
-
 def metrics_started(app: ASGIApp) -> None:
     """At an app's start-up: say whether metrics are on; start the scheduler-lag probe."""
     reason = missing_reason()
@@ -541,6 +534,8 @@ def metrics_started(app: ASGIApp) -> None:
         logger.warning("metrics off: %s", reason)
         return
     logger.info("Prometheus metrics at %s", app.metrics_path)
+    # Counting starts here, before the first connection (not at import: an
+    # app whose metrics are switched off afterwards must cost nothing).
     connection_metrics().start_lag_probe()
 
 
@@ -562,6 +557,7 @@ async def serve_metrics(app: ASGIApp, scope: Any, send: Any) -> None:
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
     else:
         status = 200
+        connection_metrics()  # an app run without lifespan events counts from here
         body, content_type = render(app)
         headers = [(b"content-type", content_type.encode()), (b"cache-control", b"no-store")]
     headers.append((b"content-length", str(len(body)).encode()))

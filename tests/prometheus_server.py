@@ -194,3 +194,74 @@ async def run_prometheus(targets: Sequence[str], tmp_path: Path) -> AsyncIterato
             os.kill(process.pid, signal.SIGKILL)
             with trio.move_on_after(5):
                 await process.wait()
+
+
+# -- a scripted session with something on every dashboard panel -------------------------------
+
+
+async def dashboard_session(port: int, seconds: float) -> None:
+    """Readers, a publisher, churn, refused handshakes and one slow consumer, for ``seconds``.
+
+    Against a ``chatcore serve`` of ``tests._serve_targets:small_outbox_hub``.
+    """
+    from contextlib import AsyncExitStack
+
+    from chatcore import HandshakeRejected
+    from chatcore.testing import open_test_client
+    from tests.test_serve_cli import joined, peer_of, receive_message
+
+    url = f"ws://127.0.0.1:{port}/ws"
+    async with AsyncExitStack() as stack:
+        stack.enter_context(trio.fail_after(seconds + 60))
+        readers = [await joined(stack, port) for _ in range(20)]
+        publisher = await joined(stack, port)
+        end = trio.current_time() + seconds
+
+        async def read(client: Any) -> None:
+            while True:
+                await client.receive()
+
+        async def churn() -> None:
+            while trio.current_time() < end:
+                async with open_test_client(url, timeout=10) as client:
+                    await client.join("r")
+                try:
+                    async with open_test_client(f"ws://127.0.0.1:{port}/nope", timeout=10):
+                        pass
+                except HandshakeRejected:
+                    pass
+                await trio.sleep(0.5)
+
+        async def slow_consumer() -> None:
+            await trio.sleep(seconds / 3)
+            async with peer_of(port, receive_buffer=4096) as slow:
+                await receive_message(slow)
+                await slow.send_text(json.dumps({"type": "join", "room": "r", "ref": "j"}))
+                await receive_message(slow)
+                for _ in range(400):  # ~1.6 MB for everyone; the slow one is cut off
+                    await publisher.send({"type": "publish", "room": "r", "data": "x" * 4000})
+                with trio.move_on_after(20):
+                    while True:
+                        await slow.receive_frame()  # until the server gave up on it
+
+        async with trio.open_nursery() as nursery:
+            for client in readers:
+                nursery.start_soon(read, client)
+            nursery.start_soon(churn)
+            nursery.start_soon(slow_consumer)
+            n = 0
+            while trio.current_time() < end:
+                n += 1
+                await publisher.send({"type": "publish", "room": "r", "data": {"n": n}})
+                await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+
+
+def dashboard_expressions(path: Path) -> list[tuple[str, str, str]]:
+    """``(panel title, legend, PromQL)`` of every target of the dashboard JSON."""
+    dashboard = json.loads(path.read_text())
+    return [
+        (panel["title"], target.get("legendFormat", ""), target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    ]

@@ -10,16 +10,27 @@ import json
 import re
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
 from chatcore import HandshakeRejected
 from chatcore.testing import open_test_client
-from prometheus_server import http_get_text, prometheus_binary, run_prometheus
+from prometheus_server import (
+    dashboard_expressions,
+    dashboard_session,
+    http_get_text,
+    prometheus_binary,
+    run_prometheus,
+)
 from tests.test_serve_cli import chatcore_serve, joined, peer_of, receive_message
 
+if TYPE_CHECKING:
+    from tests.redis_server import RedisServer
+
 pytestmark = pytest.mark.slow
+pytest_plugins = ("tests.redis_server",)
 
 METRICS_PORT = re.compile(r"metrics of process \d+: http://127\.0\.0\.1:(\d+)/metrics")
 
@@ -119,3 +130,32 @@ async def test_prometheus_reads_every_worker(tmp_path: Path) -> None:
             # One series per worker: the sums above add both up.
             per_worker = await prometheus.api("query", query="chatcore_connections")
             assert len({sample["metric"]["instance"] for sample in per_worker["result"]}) == 2
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "dashboards" / "chatcore.json"
+
+
+async def test_every_dashboard_panel_has_data_from_a_real_run(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    prometheus_binary()
+    async with (
+        chatcore_serve(
+            "tests._serve_targets:small_outbox_hub",
+            "--redis-url",
+            redis_server.url,
+            "--tcp-user-timeout",
+            "2",
+            "--no-access-log",
+            tmp_path=tmp_path,
+        ) as server,
+        run_prometheus([f"127.0.0.1:{server.port}"], tmp_path) as prometheus,
+    ):
+        await dashboard_session(server.port, 12)
+        await prometheus.wait_scraped(1)
+        missing = []
+        for title, legend, expr in dashboard_expressions(DASHBOARD):
+            data = await prometheus.api("query", query=expr)  # parses, or the API says 400
+            if not data["result"]:
+                missing.append(f"{title} / {legend}: {expr}")
+        assert missing == []
