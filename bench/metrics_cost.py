@@ -106,7 +106,9 @@ def main() -> int:
         )
     )
     print(f"metrics on vs off: {difference:+.1f} % CPU per delivery (median of {args.repeat})")
-    h.write_json(getattr(args, "json", None), "metrics_cost", {"rows": rows, "difference": difference})
+    h.write_json(
+        getattr(args, "json", None), "metrics_cost", {"rows": rows, "difference": difference}
+    )
     return 0 if all(r["verified"] for r in rows) else 1
 
 

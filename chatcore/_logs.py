@@ -37,10 +37,12 @@ import json
 import logging
 import sys
 from collections.abc import Mapping
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import trio
 from hypercorn.logging import Logger as HypercornLogger
+
+from .sansio import TokenBucket
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
@@ -126,7 +128,7 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         """Format the record, its message escaped."""
         record.message = _escape_controls(record.message)
         return super().formatMessage(record)
@@ -240,7 +242,7 @@ class AccessLog(HypercornLogger):
         """
         if not self.enabled or response is None or request.get(_LOGGED):
             return
-        request[_LOGGED] = True  # type: ignore[typeddict-unknown-key]
+        cast("dict[str, Any]", request)[_LOGGED] = True
         log_request(request, response, request_time)
 
 
@@ -300,38 +302,6 @@ def log_request(
 # -- the close log ------------------------------------------------------------------------
 
 
-class TokenBucket:
-    """``rate`` tokens a second, at most ``burst`` saved up (a pure object; pass ``now``).
-
-    Args:
-        rate: Tokens added per second.
-        burst: The most tokens held (and the first burst allowed).
-    """
-
-    __slots__ = ("_at", "_tokens", "burst", "rate")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        if rate <= 0 or burst < 1:
-            raise ValueError("a token bucket needs rate > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._tokens = float(burst)
-        self._at: float | None = None
-
-    def __repr__(self) -> str:
-        return f"<TokenBucket {self._tokens:.1f}/{self.burst} +{self.rate:g}/s>"
-
-    def take(self, now: float) -> bool:
-        """Spend a token if there is one; False if the bucket is empty."""
-        if self._at is not None:
-            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
 # Close codes written as they are in metrics labels; any other is "other" (a
 # client may send any code from 1000 to 4999: labels must stay few).
 KNOWN_CODES = frozenset(
@@ -356,7 +326,10 @@ class CloseLog:
     """
 
     def __init__(self, rate: float = 20.0, burst: int = 100, clock: Any = None) -> None:
-        self._bucket = TokenBucket(rate, burst)
+        self._rate = rate
+        self._burst = burst
+        # Made at the first close (it needs the clock's time).
+        self._bucket: TokenBucket | None = None
         self._clock = clock or trio.current_time
         #: Lines held back since the last line that passed.
         self.suppressed = 0
@@ -364,24 +337,27 @@ class CloseLog:
         self.suppressed_total = 0
 
     def __repr__(self) -> str:
-        return f"<CloseLog {self._bucket!r} suppressed={self.suppressed}>"
+        return f"<CloseLog {self._rate:g}/s burst={self._burst} suppressed={self.suppressed}>"
 
     @property
     def rate(self) -> float:
         """Lines per second in the long run."""
-        return self._bucket.rate
+        return self._rate
 
     @property
     def burst(self) -> int:
         """Lines allowed at once."""
-        return self._bucket.burst
+        return self._burst
 
     def connection_ended(self, connection: Connection, duration: float) -> None:
         """Log how ``connection`` ended (after its close completed)."""
         record = connection.close_record
         if record is None or not close_logger.isEnabledFor(logging.INFO):
             return
-        if not self._bucket.take(self._clock()):
+        now = self._clock()
+        if self._bucket is None:
+            self._bucket = TokenBucket(self._rate, self._burst, now)
+        if not self._bucket.take(now):
             self.suppressed += 1
             self.suppressed_total += 1
             return

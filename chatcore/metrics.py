@@ -59,9 +59,9 @@ __all__ = [
     "ConnectionMetrics",
     "available",
     "connection_metrics",
-    "missing_reason",
     "handshake_refused",
     "metrics_started",
+    "missing_reason",
     "render",
     "serve_metrics",
     "serve_metrics_listener",
@@ -575,7 +575,7 @@ async def serve_metrics_listener(
     app: ASGIApp,
     listener: trio.SocketListener,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app``'s metrics over plain HTTP/1.0 on ``listener``; never returns.
 

@@ -53,7 +53,12 @@ class _Spans:
         self._span("chatcore.publish", began_ns, connection, room, {"chatcore.ok": ok}, ok)
 
     def join_done(
-        self, began_ns: int, connection: Connection, room: str, recovered: bool | None, replayed: int
+        self,
+        began_ns: int,
+        connection: Connection,
+        room: str,
+        recovered: bool | None,
+        replayed: int,
     ) -> None:
         attributes: dict[str, Any] = {"chatcore.replayed": replayed}
         if recovered is not None:
@@ -108,7 +113,7 @@ class _TracedHandler(ConnectionHandler):
         from opentelemetry.trace import Status, StatusCode
 
         assert _tracer is not None
-        carrier = {name: value for name, value in request.headers}
+        carrier = dict(request.headers)
         parent = extract(carrier)
         with _tracer.start_as_current_span(
             "chatcore.handshake",

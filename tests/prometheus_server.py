@@ -89,7 +89,8 @@ class Prometheus:
         target = f"/api/v1/{path}?{urllib.parse.urlencode(params)}"
         status, body = await http_get_text(self.port, target)
         answer = json.loads(body)
-        assert status == 200 and answer["status"] == "success", (status, body)
+        assert status == 200, body
+        assert answer["status"] == "success", body
         return answer["data"]
 
     async def value(self, expr: str) -> float | None:
@@ -103,7 +104,7 @@ class Prometheus:
         assert len(result) == 1, result
         return float(result[0]["value"][1])
 
-    async def wait_for(self, expr: str, expected: float, timeout: float = 30) -> None:
+    async def wait_for(self, expr: str, expected: float, timeout: float = 30) -> None:  # noqa: ASYNC109
         """Wait (bounded) until ``expr`` evaluates to ``expected``."""
         seen: float | None = None
         try:
@@ -113,7 +114,7 @@ class Prometheus:
         except trio.TooSlowError:
             raise AssertionError(f"{expr} = {seen}, expected {expected}") from None
 
-    async def wait_scraped(self, count: int, timeout: float = 30) -> None:
+    async def wait_scraped(self, count: int, timeout: float = 30) -> None:  # noqa: ASYNC109
         """Wait until ``count`` targets are up and each was scraped since this call."""
         start = (await self.value("time()")) or 0.0
         with trio.fail_after(timeout):
@@ -122,8 +123,7 @@ class Prometheus:
                 fresh = [
                     t
                     for t in data["activeTargets"]
-                    if t["health"] == "up"
-                    and _scraped_after(t.get("lastScrape", ""), start)
+                    if t["health"] == "up" and _scraped_after(t.get("lastScrape", ""), start)
                 ]
                 if len(fresh) >= count:
                     return

@@ -14,17 +14,16 @@ from pathlib import Path
 
 import pytest
 import trio
+from conftest import Connect, RecordingHandler, read_all
 
 from chatcore import Accept, Connection, Reject, _observe
 from chatcore._logs import (
     CloseLog,
     JSONFormatter,
     TextFormatter,
-    TokenBucket,
     configure_logging,
     escape,
 )
-from conftest import Connect, RecordingHandler, read_all
 from tests.test_serve_cli import chatcore_serve
 
 # -- escaping ---------------------------------------------------------------------------
@@ -50,7 +49,8 @@ def test_escape_writes_every_unprintable_character_as_an_escape(
     raw: str | bytes, logged: str
 ) -> None:
     assert escape(raw) == logged
-    assert "\n" not in escape(raw) and "\r" not in escape(raw)
+    assert "\n" not in escape(raw)
+    assert "\r" not in escape(raw)
 
 
 def test_escape_cuts_long_text() -> None:
@@ -75,13 +75,15 @@ def test_json_formatter_writes_one_parseable_line_with_the_fields() -> None:
         "connection %s closed", "c1", event="connection_closed", code=1008, user="al\x1bice"
     )
     line = JSONFormatter().format(record)
-    assert "\n" not in line and "\x1b" not in line
+    assert "\n" not in line
+    assert "\x1b" not in line
     data = json.loads(line)
     assert data["event"] == "connection_closed"
     assert data["code"] == 1008
     assert data["user"] == "al\x1bice"  # escaped by JSON, exact once parsed
     assert data["message"] == "connection c1 closed"
-    assert data["level"] == "INFO" and data["logger"] == "chatcore.test"
+    assert data["level"] == "INFO"
+    assert data["logger"] == "chatcore.test"
 
 
 def test_json_formatter_keeps_the_traceback_inside_the_line() -> None:
@@ -115,17 +117,6 @@ def test_configure_logging_installs_one_handler_and_checks_its_format() -> None:
 # -- the close log ----------------------------------------------------------------------
 
 
-def test_token_bucket_allows_a_burst_then_the_rate() -> None:
-    bucket = TokenBucket(rate=2.0, burst=3)
-    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
-    assert bucket.take(0.4) is False  # 0.8 of a token
-    assert bucket.take(0.5) is True
-    assert bucket.take(100.0) and bucket.take(100.0) and bucket.take(100.0)
-    assert not bucket.take(100.0)  # never more than the burst saved up
-    with pytest.raises(ValueError, match="token bucket"):
-        TokenBucket(0, 1)
-
-
 def _close_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "chatcore.connection"]
 
@@ -148,7 +139,8 @@ async def test_every_close_is_logged_once_at_info_with_code_cause_duration_and_b
     assert (fields["code"], fields["cause"]) == (1009, "protocol")
     assert fields["user"] == "anon"
     assert 2500 <= fields["duration_ms"] < 3000
-    assert fields["frames_sent"] == 1 and fields["bytes_sent"] == len('{"type":"x"}')
+    assert fields["frames_sent"] == 1
+    assert fields["bytes_sent"] == len('{"type":"x"}')
     assert lines[0].levelno == logging.INFO
     assert "code=1009 cause=protocol" in lines[0].getMessage()
 
@@ -167,7 +159,8 @@ async def test_a_refused_handshake_is_logged_once_with_its_status(
     (line,) = _close_lines(caplog)
     assert line.chatcore["event"] == "handshake_rejected"  # type: ignore[attr-defined]
     assert line.chatcore["status"] == 429  # type: ignore[attr-defined]
-    assert "\x1b" not in line.getMessage() and "\\x1b[2J" in line.getMessage()
+    assert "\x1b" not in line.getMessage()
+    assert "\\x1b[2J" in line.getMessage()
 
 
 class _Ended:
@@ -203,7 +196,8 @@ async def test_a_flood_of_closes_is_rate_limited_with_a_summary_line(
     assert summary.levelno == logging.WARNING
     assert summary.chatcore == {"event": "close_log_suppressed", "count": 15}  # type: ignore[attr-defined]
     assert last.chatcore["event"] == "connection_closed"  # type: ignore[attr-defined]
-    assert limited.suppressed == 0 and limited.suppressed_total == 15
+    assert limited.suppressed == 0
+    assert limited.suppressed_total == 15
 
 
 # -- against a real chatcore serve ---------------------------------------------------------
@@ -261,8 +255,10 @@ async def test_the_access_log_cannot_be_forged_and_logs_each_request_once(
     forged = lines[0]
     assert '"GET /x%0a2026-12-07%2012:00:00,000%20CRITICAL' in forged
     assert '" 404 ' in forged
-    assert '"evil\\x1b[31m\\x07"' in forged and '"a\\"b"' in forged
-    assert "\x1b" not in output and "\x07" not in output
+    assert '"evil\\x1b[31m\\x07"' in forged
+    assert '"a\\"b"' in forged
+    assert "\x1b" not in output
+    assert "\x07" not in output
     assert '"GET /healthz HTTP/1.1" 200 ' in lines[1]
     assert '"HEAD /healthz HTTP/1.1" 200 ' in lines[2]
 
@@ -299,4 +295,5 @@ async def test_json_logs_of_a_real_server_parse_and_show_abuse_closes(tmp_path: 
     (closed,) = [r for r in records if r["event"] == "connection_closed"]
     assert closed["level"] == "INFO"
     assert (closed["code"], closed["cause"]) == (1009, "protocol")
-    assert closed["duration_ms"] >= 0 and closed["bytes_sent"] > 0
+    assert closed["duration_ms"] >= 0
+    assert closed["bytes_sent"] > 0

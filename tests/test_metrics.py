@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from conftest import TEST_CONFIG
 from prometheus_client.parser import text_string_to_metric_families
 
 from chatcore import Hub, HubConfig, Identity, Reject
@@ -25,7 +26,6 @@ from chatcore.metrics import (
     missing_reason,
 )
 from chatcore.testing import open_test_client
-from conftest import TEST_CONFIG
 from tests.test_asgi import call_http
 
 
@@ -150,7 +150,7 @@ async def test_the_scheduler_lag_probe_sees_a_blocked_loop(metrics: ConnectionMe
     metrics.start_lag_probe(interval=0.01)
     metrics.start_lag_probe(interval=0.01)  # once per run
     await trio.sleep(0.05)
-    time.sleep(0.2)  # the loop is blocked: every task waits this long
+    time.sleep(0.2)  # noqa: ASYNC251 (the point: the loop is blocked, every task waits)
     with trio.fail_after(5):
         while metrics.scheduler_lag_max < 0.15:
             await trio.sleep(0.01)

@@ -14,9 +14,6 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-
-from chatcore import HandshakeRejected
-from chatcore.testing import open_test_client
 from prometheus_server import (
     dashboard_expressions,
     dashboard_session,
@@ -24,6 +21,9 @@ from prometheus_server import (
     prometheus_binary,
     run_prometheus,
 )
+
+from chatcore import HandshakeRejected
+from chatcore.testing import open_test_client
 from tests.test_serve_cli import chatcore_serve, joined, peer_of, receive_message
 
 if TYPE_CHECKING:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from conftest import TEST_CONFIG
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -13,7 +14,6 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from chatcore import Hub, HubConfig, Identity, Reject, _observe, tracing
 from chatcore.testing import open_test_client
-from conftest import TEST_CONFIG
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
@@ -74,7 +74,8 @@ async def test_spans_for_handshake_publish_and_join_continue_the_clients_trace(
     connection_id = handshake.attributes["chatcore.connection_id"]
     for span in spans[1:]:
         assert span.context.trace_id == handshake.context.trace_id
-        assert span.parent is not None and span.parent.span_id == handshake.context.span_id
+        assert span.parent is not None
+        assert span.parent.span_id == handshake.context.span_id
         assert span.attributes["chatcore.connection_id"] == connection_id
         assert span.attributes["chatcore.room"] == "lobby"
         assert span.end_time >= span.start_time
