@@ -408,6 +408,11 @@ def _serve_command(args: argparse.Namespace) -> int:
             "other's messages)",
             args.workers,
         )
+    if args.metrics_bind is None and app.metrics_path is not None:
+        logger.warning(
+            "with --workers, metrics are not served on the shared port (a scrape would "
+            "reach one worker at random); use --metrics-bind HOST:PORT (worker N on PORT+N)"
+        )
     for url in (_serve.websocket_url(sock, app.path) for sock in sockets):
         print(f"chatcore: serving on {url}", flush=True)
     return _serve.run_workers(_worker_argv(args), sockets[0], args.workers)

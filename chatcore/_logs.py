@@ -168,7 +168,8 @@ def configure_logging(
 ) -> logging.Handler:
     """Send every log line to ``stream`` in ``log_format``: what ``chatcore serve`` does.
 
-    Replaces the root logger's handlers with one stream handler.
+    Adds one stream handler to the root logger, in place of the one an
+    earlier call added (other handlers stay).
 
     Args:
         level: The root level (``"INFO"``, ``logging.DEBUG``, ...).
@@ -189,7 +190,9 @@ def configure_logging(
     root = logging.getLogger()
     root.setLevel(level.upper() if isinstance(level, str) else level)
     for old in root.handlers[:]:
-        root.removeHandler(old)
+        if getattr(old, "chatcore_configured", False):
+            root.removeHandler(old)
+    handler.chatcore_configured = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     return handler
 

@@ -104,14 +104,17 @@ def test_configure_logging_installs_one_handler_and_checks_its_format() -> None:
     try:
         out = io.StringIO()
         configure_logging("INFO", "json", stream=out)
-        configure_logging("INFO", "json", stream=out)  # again: still one handler
-        assert len(root.handlers) == 1
+        configure_logging("INFO", "json", stream=out)  # again: still one handler of ours
+        assert [h for h in root.handlers if isinstance(h.formatter, JSONFormatter)] == [
+            root.handlers[-1]
+        ]
         logging.getLogger("chatcore.test").info("hello %s", "\x07")
         assert json.loads(out.getvalue())["message"] == "hello \x07"
         with pytest.raises(ValueError, match="log format"):
             configure_logging("INFO", "xml")
     finally:
-        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
 
 
 # -- the close log ----------------------------------------------------------------------

@@ -169,3 +169,35 @@ async def test_the_metrics_path_serves_the_text_exposition(
     assert {"chatcore_connections", "chatcore_handshakes", "process_cpu_seconds"} <= names
     assert (await call_http(app, "/m", method="POST"))[0] == 405
     assert (await call_http(ASGIApp(Hub(), metrics_path=None), "/metrics"))[0] == 404
+
+
+async def test_the_metrics_port_answers_get_and_refuses_anything_else(
+    metrics: ConnectionMetrics,
+) -> None:
+    from chatcore.metrics import serve_metrics_listener
+
+    app = ASGIApp(Hub(connection_config=TEST_CONFIG))
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+
+    async def ask(request: bytes) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request)
+            data = b""
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        return data
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_metrics_listener, app, listeners[0])
+            answer = await ask(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.0 200 OK")
+            assert b"text/plain; version=0.0.4" in head
+            assert b"\nchatcore_connections 0.0\n" in body
+            assert (await ask(b"HEAD / HTTP/1.1\r\n\r\n")).endswith(b"content-length: 0\r\n\r\n")
+            assert (await ask(b"POST / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.0 400")
+            assert (await ask(b"GET / HTTP/1.1\r\n")).startswith(b"HTTP/1.0 400")  # no blank line
+            nursery.cancel_scope.cancel()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,6 +131,8 @@ async def test_prometheus_reads_every_worker(tmp_path: Path) -> None:
             # One series per worker: the sums above add both up.
             per_worker = await prometheus.api("query", query="chatcore_connections")
             assert len({sample["metric"]["instance"] for sample in per_worker["result"]}) == 2
+        server.signal(signal.SIGTERM)
+        assert await server.wait(20) == 0
 
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "docs" / "dashboards" / "chatcore.json"
