@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import statistics
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -77,38 +79,73 @@ def run(members: int, messages: int, metrics: bool, timeout: float) -> dict[str,
     return row
 
 
+def paired_rounds(
+    members: int, messages: int, repeat: int, timeout: float
+) -> tuple[list[dict[str, Any]], list[float]]:
+    """``repeat`` pairs of rounds, off/on then on/off alternately; rows and on/off ratios.
+
+    The machine's load drifts; comparing the two rounds of each pair (run
+    back to back) and taking the median of those ratios cancels most of it.
+    """
+    rounds: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+    ratios: list[float] = []
+    for index in range(repeat):
+        order = (False, True) if index % 2 == 0 else (True, False)
+        pair = {}
+        for metrics in order:
+            row = run(members, messages, metrics, timeout)
+            row["load1"] = h.load_average()
+            rounds[metrics].append(row)
+            pair[metrics] = row
+            print(
+                f"  metrics {'on ' if metrics else 'off'} [{index + 1}/{repeat}]: "
+                f"{row['cpu_us_per_delivery']:.3f} µs/delivery, load {row['load1']:.1f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        ratios.append(pair[True]["cpu_us_per_delivery"] / pair[False]["cpu_us_per_delivery"])
+    rows = []
+    for metrics in (False, True):
+        values = sorted(r["cpu_us_per_delivery"] for r in rounds[metrics])
+        rows.append(
+            {
+                "name": "metrics on" if metrics else "metrics off",
+                "cpu_us_per_delivery": statistics.median(values),
+                "spread": f"{values[0]:.3g}..{values[-1]:.3g}",
+                "scrapes": sum(r["scrapes"] for r in rounds[metrics]),
+                "verified": all(r["verified"] for r in rounds[metrics]),
+            }
+        )
+    return rows, ratios
+
+
 def main() -> int:
     parser = h.parser(__doc__)
-    parser.add_argument("--members", type=int, default=200)
-    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--members", type=int, default=300)
+    parser.add_argument("--messages", type=int, default=1000)
     args = parser.parse_args()
-    rows = h.run_rounds(
-        [
-            ("metrics off", lambda: run(args.members, args.messages, False, args.timeout)),
-            ("metrics on", lambda: run(args.members, args.messages, True, args.timeout)),
-        ],
-        args.repeat,
-        ["cpu_us_per_delivery", "deliveries_per_s", "frames_per_message"],
-    )
-    off, on = rows
-    difference = 100 * (on["cpu_us_per_delivery"] / off["cpu_us_per_delivery"] - 1)
+    rows, ratios = paired_rounds(args.members, args.messages, args.repeat, args.timeout)
     print(
         h.format_table(
             rows,
             [
                 ("name", "", "s"),
-                ("cpu_us_per_delivery", "CPU µs/delivery", ".3f"),
-                ("cpu_us_per_delivery_spread", "spread", "s"),
-                ("deliveries_per_s", "deliveries/s", ".0f"),
+                ("cpu_us_per_delivery", "CPU µs/delivery (median)", ".3f"),
+                ("spread", "spread", "s"),
                 ("scrapes", "scrapes", "d"),
                 ("verified", "verified", "s"),
             ],
         )
     )
-    print(f"metrics on vs off: {difference:+.1f} % CPU per delivery (median of {args.repeat})")
-    h.write_json(
-        getattr(args, "json", None), "metrics_cost", {"rows": rows, "difference": difference}
+    ratios.sort()
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    print(
+        f"metrics on / off, per pair: median {100 * (statistics.median(ratios) - 1):+.1f} %, "
+        f"quartiles {100 * (quartiles[0] - 1):+.1f} % .. {100 * (quartiles[2] - 1):+.1f} %, "
+        f"range {100 * (ratios[0] - 1):+.1f} % .. {100 * (ratios[-1] - 1):+.1f} % "
+        f"({len(ratios)} pairs)"
     )
+    h.write_json(args.json, "metrics_cost", {"rows": rows, "ratios": ratios})
     return 0 if all(r["verified"] for r in rows) else 1
 
 

@@ -32,6 +32,5 @@ def test_metrics_cost_rounds_deliver_everything_with_metrics_on_and_off(
     for row in (off, on):
         assert row["received"] == 20 * 40
         assert row["verified"]
-        assert row["cpu_us_per_delivery"] > 0
     assert off["scrapes"] == 0
     assert on["scrapes"] >= 1  # /metrics answered 200 while the fan-out ran
