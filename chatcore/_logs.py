@@ -234,6 +234,9 @@ class AccessLog(HypercornLogger):
         self.enabled = config.accesslog is not None
         self.access_logger = None
 
+    def __repr__(self) -> str:
+        return f"<AccessLog {'on' if self.enabled else 'off'} -> {access_logger.name}>"
+
     async def access(
         self, request: WWWScope, response: ResponseSummary | None, request_time: float
     ) -> None:

@@ -531,7 +531,7 @@ def metrics_started(app: ASGIApp) -> None:
     """At an app's start-up: say whether metrics are on; start the scheduler-lag probe."""
     reason = missing_reason()
     if reason is not None:
-        logger.warning("metrics off: %s", reason)
+        logger.info("metrics off: %s", reason)
         return
     logger.info("Prometheus metrics at %s", app.metrics_path)
     # Counting starts here, before the first connection (not at import: an
