@@ -36,10 +36,10 @@ import datetime
 import json
 import logging
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO, TYPE_CHECKING, Any, cast
 
-import trio
 from hypercorn.logging import Logger as HypercornLogger
 
 from .sansio import TokenBucket
@@ -327,8 +327,8 @@ class CloseLog:
     Args:
         rate: Lines per second in the long run.
         burst: Lines allowed at once.
-        clock: Seconds, monotonic (default :func:`trio.current_time`: the
-            close log runs in the connections' Trio run).
+        clock: Seconds, monotonic (default :func:`time.monotonic`: one
+            clock for the whole process, whatever Trio runs it has).
     """
 
     def __init__(self, rate: float = 20.0, burst: int = 100, clock: Any = None) -> None:
@@ -336,7 +336,7 @@ class CloseLog:
         self._burst = burst
         # Made at the first close (it needs the clock's time).
         self._bucket: TokenBucket | None = None
-        self._clock = clock or trio.current_time
+        self._clock = clock or time.monotonic
         #: Lines held back since the last line that passed.
         self.suppressed = 0
         #: Lines held back since the process started (a metric).

@@ -10,13 +10,14 @@ import io
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 from conftest import Connect, RecordingHandler, read_all
 
-from chatcore import Accept, Connection, Reject, _observe
+from chatcore import Accept, Reject, _observe
 from chatcore._logs import (
     CloseLog,
     JSONFormatter,
@@ -120,12 +121,24 @@ def test_configure_logging_installs_one_handler_and_checks_its_format() -> None:
 # -- the close log ----------------------------------------------------------------------
 
 
+@pytest.fixture
+def close_log() -> Iterator[CloseLog]:
+    """A fresh close log on the test's (virtual) clock, in place of the process's."""
+    fresh = CloseLog(clock=trio.current_time)
+    saved, _observe.close_log = _observe.close_log, fresh
+    yield fresh
+    _observe.close_log = saved
+
+
 def _close_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.name == "chatcore.connection"]
 
 
 async def test_every_close_is_logged_once_at_info_with_code_cause_duration_and_bytes(
-    connect: Connect, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    connect: Connect,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    close_log: CloseLog,
 ) -> None:
     caplog.set_level(logging.INFO, "chatcore.connection")
     connection, client = await connect(RecordingHandler(), connection_id="c0ffee")
@@ -149,7 +162,10 @@ async def test_every_close_is_logged_once_at_info_with_code_cause_duration_and_b
 
 
 async def test_a_refused_handshake_is_logged_once_with_its_status(
-    connect: Connect, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+    connect: Connect,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    close_log: CloseLog,
 ) -> None:
     caplog.set_level(logging.INFO, "chatcore.connection")
 
@@ -166,21 +182,11 @@ async def test_a_refused_handshake_is_logged_once_with_its_status(
     assert "\\x1b[2J" in line.getMessage()
 
 
-class _Ended:
-    """What the close log reads of a connection, for the rate-limit test."""
-
-    def __init__(self, connection: Connection) -> None:
-        self._connection = connection
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._connection, name)
-
-
 async def test_a_flood_of_closes_is_rate_limited_with_a_summary_line(
     connect: Connect, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "chatcore.connection")
-    limited = CloseLog(rate=5.0, burst=10)
+    limited = CloseLog(rate=5.0, burst=10, clock=trio.current_time)
     saved, _observe.close_log = _observe.close_log, limited
     try:
         for _ in range(25):  # 25 closes at the same (virtual) instant
