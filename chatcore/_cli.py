@@ -352,7 +352,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     if args.metrics_path is not None:
         app.metrics_path = None if args.metrics_path.lower() == "none" else args.metrics_path
     try:
-        _serve.set_compression(args.compression)
+        _serve.set_compression(args.compression, max_message_bytes=app.config.max_message_bytes)
     except RuntimeError as exc:
         raise SystemExit(f"chatcore: {exc}") from None
     if args.worker_fd is not None:
