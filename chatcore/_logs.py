@@ -22,7 +22,8 @@ through hypercorn it took, and every connection is logged once when it ends
 Rule 3: a flood cannot flood the log. Close lines pass a token bucket
 (:attr:`CloseLog.rate` lines per second, bursts of :attr:`CloseLog.burst`);
 the lines it holds back are counted, and the next line that passes is
-preceded by one WARNING saying how many were suppressed.
+preceded by one line saying how many were suppressed (INFO, like the lines
+it stands for; the count is also a metric).
 
 Every line carries stable fields for machines (``event``, ``connection_id``,
 ``user``, ``code``, ``cause``, ``duration_ms``, ...), attached to the
@@ -368,7 +369,7 @@ class CloseLog:
             self.suppressed_total += 1
             return
         if self.suppressed:
-            close_logger.warning(
+            close_logger.info(
                 "%d close line(s) suppressed (close log limit: %g/s, bursts of %d)",
                 self.suppressed,
                 self.rate,

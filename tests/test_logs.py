@@ -202,7 +202,7 @@ async def test_a_flood_of_closes_is_rate_limited_with_a_summary_line(
     finally:
         _observe.close_log = saved
     summary, last = _close_lines(caplog)[-2:]
-    assert summary.levelno == logging.WARNING
+    assert summary.levelno == logging.INFO
     assert summary.chatcore == {"event": "close_log_suppressed", "count": 15}  # type: ignore[attr-defined]
     assert last.chatcore["event"] == "connection_closed"  # type: ignore[attr-defined]
     assert limited.suppressed == 0
