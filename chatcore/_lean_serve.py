@@ -43,6 +43,7 @@ import errno
 import logging
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from urllib.parse import unquote
 
@@ -52,8 +53,10 @@ import trio
 
 from ._connection import serve_connection
 from ._exceptions import PeerGone
+from ._logs import log_request
 from ._server import _firewall
 from .asgi import ASGIApp
+from .metrics import handshake_refused, metrics_started
 from .transports._asgi_stream import ASGIMessage
 from .transports._lean import (
     HandshakeHead,
@@ -68,7 +71,6 @@ from .transports._lean import (
 __all__ = ["MAX_BODY_BYTES", "LeanServer", "serve_lean"]
 
 logger = logging.getLogger("chatcore.serve")
-access_logger = logging.getLogger("chatcore.access")
 
 #: Largest HTTP request body read for the app (larger: 413).
 MAX_BODY_BYTES = 1 << 20
@@ -214,12 +216,14 @@ class LeanServer:
             status, text = fault
             extra = [(b"sec-websocket-version", b"13")] if status == 426 else []
             await respond(sock, head.connection, status, text.encode() + b"\n", extra)
+            handshake_refused(status)
             _log_access(log, head, status)
             await _linger_close(sock)
             return None
         stream = LeanStream(sock, head, app.config.max_message_bytes)
         if stream.request.path != app.path:
             await stream.reject(404, body=b"not found")
+            handshake_refused(404)
             _log_access(log, head, 404)
             return None
         if app.draining:
@@ -228,6 +232,7 @@ class LeanServer:
                 body=b"server is draining; reconnect shortly",
                 headers=(("retry-after", str(app.retry_after)),),
             )
+            handshake_refused(503)
             _log_access(log, head, 503)
             return None
         _log_access(log, head, 101)
@@ -249,13 +254,18 @@ def h11_reason(status: int) -> bytes:
 
 
 def _log_access(enabled: bool, head: HandshakeHead, status: int) -> None:
+    """The request's access-log line, as on hypercorn (:func:`~chatcore._logs.log_request`)."""
     if enabled:
         request = head.request
-        client = f"{head.client[0]}:{head.client[1]}" if head.client else "-"
-        # %r: the target is the client's text; it reaches the log escaped.
-        access_logger.info(
-            "%s %s %r %d", client, request.method.decode("latin-1"), request.target, status
-        )
+        scope = {
+            "type": "websocket" if head.websocket_upgrade else "http",
+            "client": head.client,
+            "method": request.method.decode("latin-1"),
+            "raw_path": request.target,  # the client's text; log_request escapes it
+            "http_version": request.http_version.decode("latin-1"),
+            "headers": request.headers,
+        }
+        log_request(scope, {"status": status, "headers": ()}, time.monotonic() - head.started)
 
 
 async def _serve_http(app: ASGIApp, sock: socket.socket, head: HandshakeHead, log: bool) -> None:
@@ -414,6 +424,8 @@ async def serve_lean(
             nursery.start_soon(server._watch_signals, signals)
         # The handler's background work (what the ASGI lifespan runs on hypercorn).
         await nursery.start(app.served.run)
+        if app.metrics_path is not None:
+            metrics_started(app)  # as the ASGI lifespan does on hypercorn
         with server._clients_scope:
             async with trio.open_nursery() as clients:
                 accepting = trio.CancelScope()

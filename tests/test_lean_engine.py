@@ -18,9 +18,11 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+import chatcore.metrics
 from chatcore import Config, Hub, HubConfig, LocalProtocolError
 from chatcore._lean_serve import MAX_BODY_BYTES, LeanServer, serve_lean
 from chatcore.asgi import ASGIApp, ASGIReceive, ASGIScope, ASGISend
+from chatcore.metrics import ConnectionMetrics
 from chatcore.testing import WebSocketPeer, open_lean_pair, open_test_client
 from chatcore.transports import CloseFrame, LeanStream, TextFrame
 from chatcore.transports._lean import text_frame
@@ -164,13 +166,17 @@ async def test_one_access_log_line_per_request(caplog: pytest.LogCaptureFixture)
     caplog.set_level(logging.INFO, "chatcore.access")
     with trio.fail_after(TIMEOUT):
         async with lean_server() as (_, port):
-            await exchange(port, get("/x%0a%1b?q='1'"))
+            await exchange(port, get("/x%0a%1b?q='1'", extra="User-Agent: evil\x1b[31m\x07\r\n"))
             await exchange(port, upgrade("/elsewhere"))
     lines = [r.getMessage() for r in caplog.records if r.name == "chatcore.access"]
     assert len(lines) == 2
-    # The target is the client's text: logged as a quoted literal, never raw.
-    assert lines[0].endswith(" GET b\"/x%0a%1b?q='1'\" 201")
-    assert lines[1].endswith(" GET b'/elsewhere' 404")
+    # The same line as on hypercorn: the target as the client sent it (still
+    # percent-encoded), every client-controlled field escaped, never raw.
+    assert "\x1b" not in lines[0]
+    assert "\x07" not in lines[0]
+    assert " \"GET /x%0a%1b?q='1' HTTP/1.1\" 201 " in lines[0]
+    assert lines[0].endswith('"evil\\x1b[31m\\x07"')
+    assert ' "GET /elsewhere WS" 404 ' in lines[1]
 
 
 # -- WebSocket handshakes ----------------------------------------------------------------------
@@ -317,3 +323,18 @@ async def test_malformed_upgrade_requests_get_400() -> None:
             ):
                 status, _, body = await exchange(port, request.encode())
                 assert status == 400, body
+
+
+async def test_refused_handshakes_are_counted_in_the_metrics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    observed = ConnectionMetrics()
+    monkeypatch.setattr(chatcore.metrics, "_metrics", observed)
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with lean_server() as (_, port):
+                assert (await exchange(port, upgrade("/elsewhere")))[0] == 404
+                assert (await exchange(port, upgrade(key="abc")))[0] == 400
+    finally:
+        observed.close()
+    assert observed.handshakes == {404: 1, 400: 1}

@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import socket
 import struct
+import time
 from typing import cast
 
 import h11
@@ -133,14 +134,20 @@ class HandshakeHead:
         client: The peer's ``(host, port)``, or ``None``.
     """
 
-    __slots__ = ("client", "connection", "request")
+    __slots__ = ("client", "connection", "request", "started")
 
     def __init__(
-        self, connection: h11.Connection, request: h11.Request, client: tuple[str, int] | None
+        self,
+        connection: h11.Connection,
+        request: h11.Request,
+        client: tuple[str, int] | None,
+        started: float = 0.0,
     ) -> None:
         self.connection = connection
         self.request = request
         self.client = client
+        #: When its first byte was awaited (``time.monotonic()``; for the access log).
+        self.started = started
 
     def __repr__(self) -> str:
         return f"<HandshakeHead {self.request.method.decode()} {self.request.target[:80]!r}>"
@@ -224,6 +231,7 @@ async def read_request_head(
         HeadRefused: the head is malformed (400) or passes a bound (414, 431).
     """
     limits = limits or HandshakeLimits()
+    started = time.monotonic()
     connection = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
     try:
         address = sock.getpeername()
@@ -250,7 +258,7 @@ async def read_request_head(
             refusal = check_request_head(event.target, event.headers, limits)
             if refusal is not None:
                 raise HeadRefused(refusal.status, refusal.body.decode("utf-8", "replace"))
-            return HandshakeHead(connection, event, client)
+            return HandshakeHead(connection, event, client, started)
         raise PeerGone(None)  # ConnectionClosed: EOF before a request
 
 
