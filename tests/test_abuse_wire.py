@@ -50,7 +50,7 @@ from chatcore.transports._asgi_stream import screen_request
 
 pytestmark = pytest.mark.slow
 
-TRANSPORTS = ["hypercorn", "trio-websocket"]
+TRANSPORTS = ["hypercorn", "lean", "trio-websocket"]
 MIB = 1 << 20
 
 
@@ -262,10 +262,11 @@ class Target:
 
 @asynccontextmanager
 async def serving(transport: str, tmp_path: Path, *options: str) -> AsyncIterator[Target]:
-    """``chatcore serve`` (hypercorn) as a process, or ``serve_websocket`` in this process."""
-    if transport == "hypercorn":
+    """``chatcore serve`` (either engine) as a process, or ``serve_websocket`` in this process."""
+    if transport in ("hypercorn", "lean"):
+        engine = ("--engine", transport)
         async with chatcore_serve(
-            "tests._serve_targets:app", *options, tmp_path=tmp_path
+            "tests._serve_targets:app", *engine, *options, tmp_path=tmp_path
         ) as server:
             yield Target(transport, server.port, pid=server.pid)
         return

@@ -257,7 +257,9 @@ async def read_request_head(
             # the parsed head (a whole head can arrive in one read).
             refusal = check_request_head(event.target, event.headers, limits)
             if refusal is not None:
-                raise HeadRefused(refusal.status, refusal.body.decode("utf-8", "replace"))
+                raise HeadRefused(
+                    refusal.status, refusal.body.decode("utf-8", "replace").rstrip("\n")
+                )
             return HandshakeHead(connection, event, client, started)
         raise PeerGone(None)  # ConnectionClosed: EOF before a request
 
