@@ -135,12 +135,18 @@ class PacerStatistics:
             closed ones not yet compacted away).
         sending: Connections with a frame in flight.
         queued_bytes: Bytes queued in every outbox of the run.
+        frames_by_size: Frames written so far, by messages per frame:
+            entry ``k`` counts frames of ``2**k`` to ``2**(k+1) - 1``
+            messages (the last entry also counts larger ones).
+        framed_messages: Messages in those frames.
     """
 
     marked: int
     heartbeats: int
     sending: int
     queued_bytes: int
+    frames_by_size: tuple[int, ...] = ()
+    framed_messages: int = 0
 
 
 class Pacer:
@@ -180,6 +186,8 @@ class Pacer:
             heartbeats=len(self._beats),
             sending=len(self.sending),
             queued_bytes=self.queued.nbytes,
+            frames_by_size=tuple(self.queued.frames[1:]),
+            framed_messages=self.queued.framed,
         )
 
     # -- batched wake-ups ------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import _observe
+from . import _observe, _pacer
 from ._logs import KNOWN_CODES
 from .sansio import ConnectionState
 
@@ -311,6 +311,16 @@ def connection_metrics() -> ConnectionMetrics:
     return _metrics
 
 
+def _frame_sizes() -> tuple[tuple[int, ...], int] | None:
+    """This Trio run's frames by messages per frame, or ``None`` before any connection."""
+    try:
+        found = _pacer._RUN_PACER.get()
+    except (LookupError, RuntimeError):  # no connection yet, or outside a Trio run
+        return None
+    stats = found.statistics()
+    return stats.frames_by_size, stats.framed_messages
+
+
 def _families(app: ASGIApp, metrics: ConnectionMetrics) -> Iterator[Metric]:
     from prometheus_client.core import (
         CounterMetricFamily,
@@ -422,6 +432,20 @@ def _families(app: ASGIApp, metrics: ConnectionMetrics) -> Iterator[Metric]:
     for generation, buckets in enumerate(metrics.gc_pauses):
         pauses.add_metric([str(generation)], buckets.cumulative(), buckets.sum)
     yield pauses
+    if (framing := _frame_sizes()) is not None:
+        by_size, messages = framing
+        frames = HistogramMetricFamily(
+            "chatcore_messages_per_frame",
+            "Frames written, by how many messages each carried (batching).",
+        )
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for k, count in enumerate(by_size):
+            running += count
+            last = k == len(by_size) - 1
+            buckets.append(("+Inf" if last else str(2 ** (k + 1) - 1), running))
+        frames.add_metric([], buckets, messages)
+        yield frames
     yield counter(
         "chatcore_close_log_suppressed",
         "Close log lines held back by the close log's rate limit.",

@@ -201,3 +201,27 @@ async def test_the_metrics_port_answers_get_and_refuses_anything_else(
             assert (await ask(b"POST / HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.0 400")
             assert (await ask(b"GET / HTTP/1.1\r\n")).startswith(b"HTTP/1.0 400")  # no blank line
             nursery.cancel_scope.cancel()
+
+
+async def test_messages_per_frame_show_batching(
+    metrics: ConnectionMetrics, autojump_clock: trio.testing.MockClock
+) -> None:
+    hub, app = make_app()
+    async with open_test_client(hub, user="dave") as dave:
+        await dave.join("r")
+        before = scrape(app, metrics)
+        member = next(iter(metrics.live))
+        for n in range(10):
+            member.send_nowait({"type": "tick", "n": n})  # one burst: one frame
+        for _ in range(10):
+            await dave.expect("tick")
+        after = scrape(app, metrics)
+
+    def added(key: str) -> float:
+        return after[key] - before.get(key, 0)
+
+    assert added('chatcore_messages_per_frame_bucket{le="7"}') == 0
+    assert added('chatcore_messages_per_frame_bucket{le="15"}') == 1
+    assert added('chatcore_messages_per_frame_bucket{le="+Inf"}') == 1
+    assert added("chatcore_messages_per_frame_sum") == 10
+    assert added("chatcore_messages_per_frame_count") == 1

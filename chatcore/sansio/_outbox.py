@@ -134,6 +134,10 @@ class PushResult(enum.Enum):
     CLOSED = "closed"
 
 
+#: Classes of :attr:`QueueTotal.frames` (powers of two of messages per frame).
+FRAME_SIZE_CLASSES = 16
+
+
 class QueueTotal:
     """Memory held by many outboxes (one per process, shared by its connections).
 
@@ -149,11 +153,18 @@ class QueueTotal:
     already holds costs nothing more.
     """
 
-    __slots__ = ("_refs", "nbytes")
+    __slots__ = ("_refs", "framed", "frames", "nbytes")
 
     def __init__(self) -> None:
         #: Bytes of the distinct message texts queued now in every outbox.
         self.nbytes = 0
+        #: Frames taken from the outboxes, by messages per frame:
+        #: ``frames[k]`` counts frames of ``2**(k-1)`` to ``2**k - 1``
+        #: messages (k = 1 … 16; the last also counts larger ones). How much
+        #: batching happens (one list increment per frame).
+        self.frames = [0] * (FRAME_SIZE_CLASSES + 1)
+        #: Messages in those frames.
+        self.framed = 0
         # id(text) -> how many queue entries hold it. The entries keep the
         # text alive, so its id is stable while it is counted.
         self._refs: dict[int, int] = {}
@@ -377,6 +388,8 @@ class Outbox:
         if not queue:
             self._queue = _EMPTY
             self.nbytes -= first.nbytes
+            total.frames[1] += 1
+            total.framed += 1
             return first.text
         texts = [first.text]
         size = first.nbytes
@@ -393,6 +406,9 @@ class Outbox:
         if not queue:
             self._queue = _EMPTY
         self.nbytes -= size - (len(texts) - 1)
+        count = len(texts)
+        total.frames[min(count.bit_length(), FRAME_SIZE_CLASSES)] += 1
+        total.framed += count
         return "\n".join(texts)
 
     def clear(self) -> int:
