@@ -5,7 +5,9 @@ Install the extra: ``pip install 'chatcore[redis]'`` (it pulls in ``coredis``).
 The package, by role: ``_scripts`` (the Lua scripts: where order is
 decided), ``_records`` (what one session and one room hold, reply parsing),
 ``_backplane`` (:class:`RedisBackplane`: the calls, the supervised session,
-incoming messages). Node events use the byte format of
+incoming messages), ``_cluster`` (:class:`RedisClusterBackplane`: one such
+session per Redis Cluster shard, following the topology), ``_url`` (which
+URL means what). Node events use the byte format of
 :func:`chatcore.sansio.encode_node_event`.
 
 Theory of operation
@@ -108,8 +110,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ._backplane import RedisBackplane as RedisBackplane
+from ._cluster import RedisClusterBackplane as RedisClusterBackplane
 from ._records import RedisBackplaneStatistics as RedisBackplaneStatistics
+from ._records import ShardStatistics as ShardStatistics
 
-__all__ = ["RedisBackplane", "RedisBackplaneStatistics"]
+__all__ = [
+    "RedisBackplane",
+    "RedisBackplaneStatistics",
+    "RedisClusterBackplane",
+    "ShardStatistics",
+]
 
 del coredis

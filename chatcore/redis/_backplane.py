@@ -43,8 +43,10 @@ from ..sansio import (
     encode_node_event,
 )
 from ._records import (
+    ACK_KINDS,
     BURST,
     CATCH_UP_ROUND,
+    MESSAGE_KINDS,
     SUBSCRIBE_CHUNK,
     PublishItem,
     RedisBackplaneStatistics,
@@ -58,8 +60,10 @@ from ._records import (
     is_link_error,
     parse_entries,
     push_buffer,
+    redirect_of,
 )
 from ._scripts import JSON, SCRIPTS
+from ._url import AckOptions, is_cluster_url, split_ack_options
 
 __all__ = ["RedisBackplane"]
 
@@ -76,7 +80,12 @@ class RedisBackplane(Backplane):
 
     Args:
         url: The Redis URL (``redis://[user:password@]host:port/db``,
-            ``rediss://`` for TLS, ``unix:///path/to/socket``).
+            ``rediss://`` for TLS, ``unix:///path/to/socket``), or a Redis
+            Cluster's (``redis+cluster://HOST:PORT[,HOST:PORT...]``,
+            ``rediss+cluster://`` for TLS): then the constructor returns a
+            :class:`~chatcore.redis.RedisClusterBackplane`. Query options
+            ``wait_replicas``, ``wait_timeout`` and ``wait_aof`` set the
+            arguments of the same names (see ``docs/scale-out.md``).
         history: How much of each room's order is kept for recovery:
             ``max_messages`` caps the stream (approximately: Redis trims whole
             blocks, so a little more may be kept), ``max_age`` expires the
@@ -106,10 +115,34 @@ class RedisBackplane(Backplane):
         unsubscribe_linger: Seconds a room stays subscribed after
             :meth:`unwatch`, so a member coming right back (or the hub's
             unwatch/watch around a first join) keeps the live subscription.
+        wait_replicas: A publish is acknowledged only once this many
+            replicas have it (``WAIT``); 0: once the primary ran the script.
+        wait_timeout: Seconds a publish waits for those replicas; fewer in
+            time fails the publish with :class:`~chatcore.BackplaneError`
+            (the message may still be delivered: it was sequenced).
+        wait_aof: Also wait until the primary and ``wait_replicas`` replicas
+            fsynced it to their append-only file (``WAITAOF``, Redis 7.2+;
+            an older server gets ``WAIT`` and a warning in the log).
 
     Raises:
-        ValueError: a bound is not positive.
+        ValueError: a bound is not positive, or the URL is malformed.
     """
+
+    # Pub/sub commands and push kinds (sharded ones on Redis Cluster).
+    _SUBSCRIBE = b"SUBSCRIBE"
+    _UNSUBSCRIBE = b"UNSUBSCRIBE"
+    _PUBLISH = b"PUBLISH"
+    _scripts = SCRIPTS
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RedisBackplane:
+        # The URL picks the implementation, as a user passes it (one argument,
+        # one environment variable, one command-line option).
+        url = args[0] if args else kwargs.get("url", "")
+        if cls is RedisBackplane and isinstance(url, str) and is_cluster_url(url):
+            from ._cluster import RedisClusterBackplane
+
+            return super().__new__(RedisClusterBackplane)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -128,7 +161,20 @@ class RedisBackplane(Backplane):
         node_ttl: float = 10.0,
         room_ttl: float | None = 7 * 24 * 3600.0,
         unsubscribe_linger: float = 2.0,
+        wait_replicas: int | None = None,
+        wait_timeout: float | None = None,
+        wait_aof: bool | None = None,
     ) -> None:
+        url, in_url = split_ack_options(url)
+        in_url = in_url or AckOptions()
+        #: What a publish waits for before its ``ok``.
+        self.ack = AckOptions(
+            in_url.replicas if wait_replicas is None else wait_replicas,
+            in_url.timeout if wait_timeout is None else wait_timeout,
+            in_url.aof if wait_aof is None else wait_aof,
+        )
+        if self.ack.replicas < 0 or not self.ack.timeout > 0:
+            raise ValueError("RedisBackplane wait_replicas must be >= 0 and wait_timeout > 0")
         for name, value in (
             ("publish_batch", publish_batch),
             ("publish_queue", publish_queue),
@@ -166,6 +212,8 @@ class RedisBackplane(Backplane):
         )
         self._meta_ttl_ms = "0" if room_ttl is None else str(math.ceil(room_ttl * 1000))
         self._bus = f"{prefix}:bus".encode()
+        # The bus channels this backplane subscribes to (one shard's share on a cluster).
+        self._buses = {self._bus}
         self._nodes_key = f"{prefix}:nodes"
 
         self._sink: BackplaneSink | None = None
@@ -443,7 +491,7 @@ class RedisBackplane(Backplane):
         self._rooms[room] = RoomState()
         channel = self._channel(room)
         self._channel_rooms[channel] = room
-        self._send_subscription(b"SUBSCRIBE", [channel])
+        self._send_subscription(self._SUBSCRIBE, [channel])
 
     def unwatch(self, room: str) -> None:
         """Stop delivering ``room`` here (idempotent).
@@ -597,6 +645,9 @@ class RedisBackplane(Backplane):
                 await self._load_script(session, connection, script)
                 return await evalsha()
         except coredis.exceptions.ResponseError as exc:
+            if (redirected := redirect_of(exc)) is not None:
+                self._on_redirect()
+                raise redirected from exc
             raise BackplaneError(f"Redis refused the {script} script: {exc}") from exc
         except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
             self._kick(session, f"{script} failed: {exc!r}")
@@ -606,7 +657,7 @@ class RedisBackplane(Backplane):
         self, session: RedisSession, connection: coredis.BaseConnection, script: str
     ) -> None:
         sha = await connection.create_request(
-            b"SCRIPT", b"LOAD", SCRIPTS[script], timeout=self._command_timeout
+            b"SCRIPT", b"LOAD", self._scripts[script], timeout=self._command_timeout
         )
         session.shas[script] = sha if isinstance(sha, bytes) else as_str(sha).encode()
 
@@ -616,9 +667,12 @@ class RedisBackplane(Backplane):
             session = await self._wait_established()
             try:
                 await session.cmd.create_request(
-                    b"PUBLISH", channel, payload, timeout=self._command_timeout
+                    self._PUBLISH, channel, payload, timeout=self._command_timeout
                 )
             except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+                if (redirected := redirect_of(exc)) is not None:
+                    self._on_redirect()
+                    raise redirected from exc
                 self._kick(session, f"bus publish failed: {exc!r}")
                 raise BackplaneError(f"Redis is unavailable: {exc}") from exc
             return
@@ -682,12 +736,17 @@ class RedisBackplane(Backplane):
 
     def _on_push(self, session: RedisSession, push: list[Any]) -> None:
         kind = push[0]
-        if kind == b"message":
+        if kind in MESSAGE_KINDS:
             self._on_message(push[1], push[2])
-        elif kind in (b"subscribe", b"unsubscribe"):
+        elif kind in ACK_KINDS:
             self._on_ack(session, push[1])
 
     def _on_ack(self, session: RedisSession, channel: bytes) -> None:
+        if channel not in session.inflight:
+            # Not asked for: Redis Cluster unsubscribes a shard channel whose
+            # slot moved to another node.
+            self._on_dropped(channel)
+            return
         pending = session.inflight.get(channel, 0) - 1
         session.unacked -= 1
         if pending > 0:
@@ -699,7 +758,7 @@ class RedisBackplane(Backplane):
             self._rooms[room].subscribed.set()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        if channel == self._bus:
+        if channel in self._buses:
             self._on_bus(data)
             return
         room = self._channel_rooms.get(channel)
@@ -836,17 +895,19 @@ class RedisBackplane(Backplane):
                 pub = await pool.get_connection()
                 cmd = await pool.get_connection()
                 session = RedisSession(client, sub, pub, cmd, {}, scope)
-                for name in SCRIPTS:
+                for name in self._scripts:
                     await self._load_script(session, cmd, name)
+                if self.ack.aof:
+                    session.wait_command = await self._wait_command(cmd)
                 self._session = session
                 now_ms = await self._lease(session)
                 session.grace_until_ms = now_ms + math.ceil(self._node_ttl * 1000)
                 pushes = await stack.enter_async_context(aclosing(sub.push_messages))
-                self._send_subscription(b"SUBSCRIBE", [self._bus, *self._channel_rooms])
+                self._send_subscription(self._SUBSCRIBE, [*self._buses, *self._channel_rooms])
                 buffered: list[list[Any]] = []
                 while session.unacked > 0:
                     push = await pushes.__anext__()
-                    if push[0] == b"message":
+                    if push[0] in MESSAGE_KINDS:
                         buffered.append(push)
                     else:
                         self._on_push(session, push)
@@ -979,7 +1040,7 @@ class RedisBackplane(Backplane):
                 del self._lingering[room]
                 self._forget(room)
             if expired:
-                self._send_subscription(b"UNSUBSCRIBE", [self._channel(r) for r in expired])
+                self._send_subscription(self._UNSUBSCRIBE, [self._channel(r) for r in expired])
 
     async def _heartbeat(self, session: RedisSession) -> None:
         # The subscription is otherwise silent while rooms are: a PING with a
@@ -1022,7 +1083,11 @@ class RedisBackplane(Backplane):
                     )
                     item.sent = True
                     requests.append((item, request))
+                # WAIT / WAITAOF count what the connection wrote before them:
+                # pipelined right behind the batch, one reply covers it all.
+                replicated = self._send_wait(session) if requests else None
                 unscripted = []
+                sequenced = []
                 for item, request in requests:
                     try:
                         reply = as_list(await request)
@@ -1031,9 +1096,29 @@ class RedisBackplane(Backplane):
                         item.sent = False
                         unscripted.append(item)
                     except coredis.exceptions.ResponseError as exc:
-                        item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
+                        if (redirected := redirect_of(exc)) is not None:
+                            # Not run (the slot is served elsewhere): the
+                            # caller routes it again.
+                            item.sent = False
+                            item.fail(redirected)
+                            self._on_redirect()
+                        else:
+                            item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
                     else:
-                        item.resolve(as_str(reply[0]), as_int(reply[1]))
+                        sequenced.append((item, as_str(reply[0]), as_int(reply[1])))
+                if replicated is not None:
+                    confirmed = await self._confirmed(replicated)
+                    if not confirmed:
+                        for item, _, _ in sequenced:
+                            item.fail(
+                                BackplaneError(
+                                    f"not confirmed by {self.ack.replicas} replica(s) within"
+                                    f" {self.ack.timeout} s: the message was sequenced but"
+                                    " may be lost if the primary fails"
+                                )
+                            )
+                for item, epoch, offset in sequenced:
+                    item.resolve(epoch, offset)
                 if not unscripted:
                     return
                 if attempt == 0:
@@ -1058,3 +1143,50 @@ class RedisBackplane(Backplane):
                             "the connection to Redis was lost: the message may have been sequenced"
                         )
                     )
+
+    # -- acknowledgement modes -------------------------------------------
+
+    def _send_wait(self, session: RedisSession) -> Awaitable[object] | None:
+        """Pipeline ``WAIT`` (or ``WAITAOF``) behind a batch, if the mode asks for it."""
+        if not self.ack.replicas and not self.ack.aof:
+            return None
+        timeout_ms = str(math.ceil(self.ack.timeout * 1000))
+        args = (
+            (b"WAITAOF", b"1", str(self.ack.replicas), timeout_ms)
+            if session.wait_command == b"WAITAOF"
+            else (b"WAIT", str(self.ack.replicas), timeout_ms)
+        )
+        return session.pub.create_request(*args, timeout=self._command_timeout + self.ack.timeout)
+
+    async def _confirmed(self, replicated: Awaitable[object]) -> bool:
+        """Whether the ``WAIT`` / ``WAITAOF`` reply says the batch is as safe as asked."""
+        reply = await replicated
+        if isinstance(reply, (list, tuple)):  # WAITAOF: [local fsyncs, replica fsyncs]
+            return as_int(reply[0]) >= 1 and as_int(reply[1]) >= self.ack.replicas
+        return as_int(reply) >= self.ack.replicas
+
+    async def _wait_command(self, connection: coredis.BaseConnection) -> bytes:
+        """``WAITAOF`` if the server has it (Redis 7.2+), else ``WAIT`` (and a warning)."""
+        info = as_str(
+            await connection.create_request(b"INFO", b"server", timeout=self._command_timeout)
+        )
+        fields = dict(line.partition(":")[::2] for line in info.splitlines())
+        version = fields.get("redis_version", "0").strip()
+        major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if major_minor >= (7, 2):
+            return b"WAITAOF"
+        logger.warning(
+            "%s: Redis %s has no WAITAOF (7.2+): a publish waits for %d replica(s) with WAIT only",
+            self.node_id,
+            version,
+            self.ack.replicas,
+        )
+        return b"WAIT"
+
+    # -- hooks for Redis Cluster ------------------------------------------
+
+    def _on_redirect(self) -> None:
+        """A command was answered ``MOVED`` / ``ASK`` / ``TRYAGAIN`` / ``CLUSTERDOWN``."""
+
+    def _on_dropped(self, channel: bytes) -> None:
+        """Redis ended a subscription nobody asked to end (a slot moved away)."""
