@@ -74,7 +74,8 @@ async def test_the_cluster_backplane_keeps_the_contract(
 async def test_rooms_and_the_bus_are_spread_over_every_shard(redis_cluster: RedisCluster) -> None:
     async with running(redis_cluster, 1) as (node,):
         stats = node.statistics()
-        assert len(stats.shards) == 3 and stats.degraded_shards == 0
+        assert len(stats.shards) == 3
+        assert stats.degraded_shards == 0
         assert sum(shard.slots for shard in stats.shards) == 16384
         # The bus channels: every shard serves some of them.
         subscribed: dict[str, int] = {}
@@ -87,7 +88,8 @@ async def test_rooms_and_the_bus_are_spread_over_every_shard(redis_cluster: Redi
         for room in rooms:
             await node.position(room)  # waits for the room's subscription
         per_shard = [shard.watched_rooms for shard in node.statistics().shards]
-        assert sum(per_shard) == 30 and min(per_shard) > 0, per_shard
+        assert sum(per_shard) == 30, per_shard
+        assert min(per_shard) > 0, per_shard
         # Redis agrees: each room's shard channel has one subscriber on its own primary.
         for room in rooms[:5]:
             primary = redis_cluster.primary_for(f"{node.prefix}:{{{room}}}:meta")
@@ -222,19 +224,22 @@ async def test_a_killed_primary_loses_no_acknowledged_message_with_wait(
     redis_cluster: RedisCluster,
 ) -> None:
     traffic, lost, divergent = await kill_a_primary_mid_stream(redis_cluster, wait_replicas=1)
-    assert traffic.event_at is not None and traffic.first_ack_after is not None
+    assert traffic.event_at is not None
+    assert traffic.first_ack_after is not None
     recovery = traffic.first_ack_after - traffic.event_at
     print(
         f"WAIT 1: acked {len(traffic.acked)}, lost {len(lost)}, divergent {divergent},"
         f" failed {traffic.failed}, recovered in {recovery:.2f} s"
     )
-    assert lost == [] and divergent == 0
+    assert lost == []
+    assert divergent == 0
     assert recovery < 10
 
 
 async def test_a_killed_primary_without_wait_keeps_the_order(redis_cluster: RedisCluster) -> None:
     traffic, lost, divergent = await kill_a_primary_mid_stream(redis_cluster)
-    assert traffic.event_at is not None and traffic.first_ack_after is not None
+    assert traffic.event_at is not None
+    assert traffic.first_ack_after is not None
     recovery = traffic.first_ack_after - traffic.event_at
     # Asynchronous replication: what the replica had not received when the
     # primary died is gone although it was acknowledged (counted, not required to be 0).
