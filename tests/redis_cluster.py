@@ -179,7 +179,8 @@ class RedisCluster:
         self.wait_healthy_sync()
 
     def wait_healthy_sync(self) -> None:
-        """Until every running node says ``cluster_state:ok`` with three primaries serving."""
+        """Until every running node says ``cluster_state:ok``, three primaries serve and
+        every replica is in sync with its primary."""
         deadline = time.monotonic() + START_TIMEOUT
         while not self._healthy():
             assert time.monotonic() < deadline, "the cluster did not become healthy"
@@ -201,6 +202,12 @@ class RedisCluster:
         primaries = [n for n in running if self.role(n) == "master"]
         if len(primaries) != 3:
             return False
+        # Every replica is in sync (one still loading cannot take over).
+        for node in running:
+            if node not in primaries and "master_link_status:up" not in node.command(
+                "INFO", "replication"
+            ):
+                return False
         # Every primary sees every running node as connected (no stale view).
         return all(
             node.command("CLUSTER", "NODES").count("connected") >= len(running) for node in running

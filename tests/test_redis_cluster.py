@@ -1,5 +1,11 @@
 """The Redis backplane on a real Redis Cluster (3 primaries + 3 replicas on loopback).
 
+End to end: three ``chatcore serve --redis-url redis+cluster://...``
+processes (the example chat app) with members on each: one order for
+concurrent publishers on all three, recovery with ``since`` on another
+process, presence across processes, and the room's primary killed with
+SIGKILL while members stay connected (``/healthz`` degraded, then ``ok``).
+
 One cluster (``tests/redis_cluster.py``) serves the module; each test uses
 its own key prefix. In process: the backplane contract
 (:func:`chatcore.testing.check_backplane`) on the cluster, where rooms,
@@ -14,6 +20,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -21,6 +28,18 @@ import trio
 
 from chatcore import Backplane, BackplaneError, Sequenced
 from chatcore.testing import BACKPLANE_CHECKS, check_backplane
+from tests.test_redis_serve import (
+    ROOM,
+    STOP_TIMEOUT,
+    Member,
+    all_received,
+    chatcore_serve,
+    check_publisher_order,
+    member,
+    publish,
+    publish_concurrently,
+    wait_health,
+)
 
 if TYPE_CHECKING:
     from chatcore.redis import RedisClusterBackplane
@@ -129,6 +148,7 @@ class Traffic:
         while not stop.is_set():
             value = self._count
             self._count += 1
+            sent_at = trio.current_time()
             try:
                 position = await self.publisher.publish(self.room, "u", {"i": value}, None)
             except BackplaneError:
@@ -136,7 +156,7 @@ class Traffic:
                 await trio.sleep(0.01)
                 continue
             self.acked[position.offset] = value
-            if self.event_at is not None:
+            if self.event_at is not None and sent_at >= self.event_at:
                 self.acked_after_event += 1
                 if self.first_ack_after is None:
                     self.first_ack_after = trio.current_time()
@@ -277,3 +297,102 @@ async def test_a_slot_migrated_during_traffic(redis_cluster: RedisCluster) -> No
         shard = next(s for s in watcher._shards if traffic.room in s._rooms)
         assert shard.address[1] == target.port
         print(f"migration: acked {len(traffic.acked)}, failed {traffic.failed}")
+
+
+# -- chatcore serve processes ---------------------------------------------------------------
+
+
+def present(m: Member) -> set[str]:
+    """Who ``m`` was told is in ``ROOM`` (its presence_state, then every diff)."""
+    users: set[str] = set()
+    for message in m.received:
+        if message.get("room") != ROOM:
+            continue
+        if message.get("type") == "presence_state":
+            users = set(message["users"])
+        elif message.get("type") == "presence_diff":
+            users |= set(message["joins"])
+            users -= set(message["leaves"])
+    return users
+
+
+async def test_three_processes_on_the_cluster_share_one_order_and_survive_a_failover(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    url = redis_cluster.url
+    with trio.fail_after(90):
+        async with (
+            chatcore_serve(url, tmp_path) as a,
+            chatcore_serve(url, tmp_path) as b,
+            chatcore_serve(url, tmp_path) as c,
+            trio.open_nursery() as nursery,
+        ):
+            servers = (a, b, c)
+            for server in servers:
+                await wait_health(server, "ok", within=10)
+            groups = [
+                [(await member(nursery, s.port, f"{name}{i}"))[0] for i in range(2)]
+                for s, name in zip(servers, ("alice", "bob", "carol"), strict=True)
+            ]
+            everyone = [m for group in groups for m in group]
+
+            # Presence across the three processes: everyone sees everyone.
+            names = {m.user for m in everyone}
+            for m in everyone:
+                await m.wait_for(lambda m=m: present(m) == names)
+
+            # Concurrent publishers on all three: one order for every member.
+            jobs = [(group[0], 12, group[0].user) for group in groups]
+            offsets = await publish_concurrently(jobs)
+            sequence = await all_received(everyone, 36)
+            assert sorted(offsets) == [o for o, *_ in sequence] == list(range(1, 37))
+            check_publisher_order(sequence, [p.user for p, _, _ in jobs])
+
+            # Recovery: leave A, miss 5 messages published on B, come back on C.
+            leaver = groups[0][1]
+            last_offset, epoch = leaver.last()
+            assert await leaver.leave() == 1000
+            everyone.remove(leaver)
+            await publish(groups[1][0], 5, "missed")
+            await all_received(everyone, 41)
+            back, reply = await member(
+                nursery, c.port, leaver.user, since={"epoch": epoch, "offset": last_offset}
+            )
+            assert reply == {"room": ROOM, "epoch": epoch, "offset": 41, "recovered": True}
+            await back.wait_messages(5)
+            assert [d["text"] for *_, d in back.room_messages()] == [
+                f"missed-{i}" for i in range(5)
+            ]
+            everyone.append(back)
+
+            # The room's primary is killed: every process is degraded (per
+            # shard), then serves again on the promoted replica; members stay.
+            victim = redis_cluster.primary_for(f"chatcore:{{{ROOM}}}:meta")
+            assert victim is not None
+            killed = trio.current_time()
+            victim.kill()
+            for server in servers:
+                await wait_health(server, "degraded", within=5)
+            for server in servers:
+                await wait_health(server, "ok", within=15)
+            recovered = trio.current_time() - killed
+            assert all(m.close_code is None for m in everyone)
+            had = [len(m.room_messages()) for m in everyone]
+            offsets = await publish_concurrently(
+                [(groups[0][0], 4, "after-a"), (groups[2][0], 4, "after-c")]
+            )
+            assert sorted(offsets) == list(range(42, 50))
+            for m, count in zip(everyone, had, strict=True):
+                await m.wait_messages(count + 8)
+            tails = [m.room_messages()[-8:] for m in everyone]
+            assert all(t == tails[0] for t in tails)
+            assert [o for o, *_ in tails[0]] == list(range(42, 50))
+            print(f"serve: all three processes ok {recovered:.2f} s after the primary was killed")
+
+            for server in servers:
+                assert await server.stop() == 0
+            for m in everyone:
+                await m.wait_closed(STOP_TIMEOUT)
+            assert {m.close_code for m in everyone} == {1012}
+    await redis_cluster.restart(victim)
+    await redis_cluster.wait_healthy()

@@ -47,7 +47,7 @@ slot; the shard serving it refreshes and reaps them for this node.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, TypeVar
 
 import coredis
@@ -112,6 +112,15 @@ def _bus_tags() -> list[str]:
 
 
 BUS_TAGS: Final = _bus_tags()
+
+
+def _overlap(a: Sequence[tuple[int, int]], b: Sequence[tuple[int, int]]) -> int:
+    """How many slots two lists of ``(first, last)`` ranges share."""
+    return sum(
+        max(0, min(last1, last2) - max(first1, first2) + 1)
+        for first1, last1 in a
+        for first2, last2 in b
+    )
 
 
 class ShardBackplane(RedisBackplane):
@@ -512,9 +521,17 @@ class RedisClusterBackplane(RedisBackplane):
         shards = []
         changed = False
         for address, ids, ranges in groups.values():
-            shard = next((s for s in left if address == s.address), None) or next(
-                (s for s in left if s.node_ids & ids), None
+            shard = (
+                next((s for s in left if address == s.address), None)
+                or next((s for s in left if s.node_ids & ids), None)
+                or max(left, key=lambda s: _overlap(s.ranges, ranges), default=None)
             )
+            if (
+                shard is not None
+                and not _overlap(shard.ranges, ranges)
+                and shard.address != address
+            ):
+                shard = None  # shares nothing with it: a new shard
             if shard is None:
                 shard = self._start_shard(address)
                 changed = True
