@@ -396,3 +396,40 @@ async def test_three_processes_on_the_cluster_share_one_order_and_survive_a_fail
             assert {m.close_code for m in everyone} == {1012}
     await redis_cluster.restart(victim)
     await redis_cluster.wait_healthy()
+
+
+async def test_a_room_that_went_back_in_redis_gets_a_new_epoch(
+    redis_cluster: RedisCluster,
+) -> None:
+    # What a promoted replica that missed the newest messages looks like:
+    # the room's offset and stream are behind what the nodes handed out.
+    from chatcore import RoomReset
+
+    async with running(redis_cluster, 2) as (publisher, watcher):
+        room = "rollback-" + secrets.token_hex(4)
+        events: list[Any] = []
+        watcher.attach(type("Sink", (), {"backplane_event": lambda _, e: events.append(e)})())
+        watcher.watch(room)
+        first = await watcher.position(room)
+        for i in range(5):
+            await publisher.publish(room, "u", {"i": i}, None)
+        with trio.fail_after(5):
+            while sum(isinstance(e, Sequenced) for e in events) < 5:
+                await trio.sleep(0.01)
+        primary = redis_cluster.primary_for(f"{watcher.prefix}:{{{room}}}:meta")
+        assert primary is not None
+        prefix = f"{watcher.prefix}:{{{room}}}"
+        assert primary.command("HSET", f"{prefix}:meta", "o", "3") == "0"
+        assert primary.command("XDEL", f"{prefix}:log", "4-0", "5-0") == "2"
+        # The watcher's sessions end (as on a failover) and catch up.
+        primary.command("CLIENT", "KILL", "TYPE", "pubsub")
+        with trio.fail_after(10):
+            while not any(isinstance(e, RoomReset) for e in events):
+                await trio.sleep(0.01)
+        position = await watcher.position(room)
+        assert position.epoch != first.epoch
+        assert position.offset == 0
+        # The next message starts the new epoch for every node.
+        again = await publisher.publish(room, "u", {"i": 5}, None)
+        assert (again.epoch, again.offset) == (position.epoch, 1)
+        assert watcher.statistics().room_resets == 1

@@ -58,7 +58,11 @@ Rule 5: **lost history is a new epoch.** If a room's keys vanish (Redis
 restarted without persistence, eviction, the idle TTL), the next script run
 creates a new epoch (and drops any leftover stream). A node that sees a
 watched room's epoch change sends a :class:`~chatcore.RoomReset` event once per
-change; messages of an epoch it has already left behind are dropped.
+change; messages of an epoch it has already left behind are dropped. The same
+holds when Redis comes back *behind* what a node already delivered (a replica
+promoted before it had the newest messages, a restore from an older file): the
+node that notices on its catch-up ends the epoch (``ROLLBACK_LUA``), since
+the next offsets would otherwise be given to other messages.
 
 Keys and channels
 -----------------

@@ -990,6 +990,12 @@ class RedisBackplane(Backplane):
                     state.epoch = epoch
                     state.known = offset
                     continue
+                if epoch == state.epoch and offset < max(state.delivered, state.known):
+                    # Redis is behind what this node already handed out (a
+                    # replica promoted before it had everything, an old
+                    # snapshot): the next offsets would be reused for other
+                    # messages. The order is lost: end the epoch for everyone.
+                    epoch = await self._end_rolled_back_epoch(session, room, state, offset)
                 if epoch != state.epoch:
                     # A new order (Redis lost the old one): the hub is told,
                     # then gets the new epoch's messages from its start.
@@ -1003,6 +1009,26 @@ class RedisBackplane(Backplane):
                     self._caught_up += self._delivered - before
                 if raw_entries and state.delivered < offset:
                     todo.append(room)
+
+    async def _end_rolled_back_epoch(
+        self, session: RedisSession, room: str, state: RoomState, offset: int
+    ) -> str:
+        """Replace the room's epoch if Redis still has it at ``offset``; the room's epoch now."""
+        logger.warning(
+            "%s: room %r went back in Redis (offset %d, %d handed out here): new epoch",
+            self.node_id,
+            room,
+            offset,
+            max(state.delivered, state.known),
+        )
+        reply = await self._request(
+            session,
+            session.cmd,
+            "rollback",
+            (self._meta_key(room), self._log_key(room)),
+            (state.epoch or "", str(max(state.delivered, state.known)), secrets.token_hex(4)),
+        )
+        return as_str(reply)
 
     async def _lease(self, session: RedisSession) -> int:
         reply = as_list(
