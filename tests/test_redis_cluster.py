@@ -18,7 +18,7 @@ a slot migrated during traffic. The tests that kill a primary restart it
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from chatcore import Backplane, BackplaneError, Sequenced
+from chatcore import Backplane, BackplaneError, BackplaneEvent, Sequenced
 from chatcore.testing import BACKPLANE_CHECKS, check_backplane
 from tests.test_redis_serve import (
     ROOM,
@@ -139,6 +139,7 @@ class Traffic:
         self.event_at: float | None = None
         self.first_ack_after: float | None = None
         self._count = 0
+        self._acked = trio.Event()
 
     async def start(self) -> None:
         self.watcher.watch(self.room)
@@ -156,6 +157,8 @@ class Traffic:
                 await trio.sleep(0.01)
                 continue
             self.acked[position.offset] = value
+            self._acked.set()
+            self._acked = trio.Event()
             if self.event_at is not None and sent_at >= self.event_at:
                 self.acked_after_event += 1
                 if self.first_ack_after is None:
@@ -169,11 +172,11 @@ class Traffic:
                 for _ in range(tasks):
                     nursery.start_soon(self.publish, stop)
                 while len(self.acked) < before:
-                    await trio.sleep(0.005)
+                    await self._acked.wait()
                 self.event_at = trio.current_time()
                 await event()
                 while self.acked_after_event < after:
-                    await trio.sleep(0.01)
+                    await self._acked.wait()
                 stop.set()
 
     async def stored(self) -> dict[int, str]:
@@ -398,6 +401,22 @@ async def test_three_processes_on_the_cluster_share_one_order_and_survive_a_fail
     await redis_cluster.wait_healthy()
 
 
+class EventLog:
+    """A sink keeping every event as it arrived (no ordering of its own)."""
+
+    def __init__(self) -> None:
+        self.events: list[BackplaneEvent] = []
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def backplane_event(self, event: BackplaneEvent) -> None:
+        self.events.append(event)
+        self._changed.unpark_all()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._changed.park()
+
+
 async def test_a_room_that_went_back_in_redis_gets_a_new_epoch(
     redis_cluster: RedisCluster,
 ) -> None:
@@ -407,15 +426,15 @@ async def test_a_room_that_went_back_in_redis_gets_a_new_epoch(
 
     async with running(redis_cluster, 2) as (publisher, watcher):
         room = "rollback-" + secrets.token_hex(4)
-        events: list[Any] = []
-        watcher.attach(type("Sink", (), {"backplane_event": lambda _, e: events.append(e)})())
+        sink = EventLog()
+        events = sink.events
+        watcher.attach(sink)
         watcher.watch(room)
         first = await watcher.position(room)
         for i in range(5):
             await publisher.publish(room, "u", {"i": i}, None)
         with trio.fail_after(5):
-            while sum(isinstance(e, Sequenced) for e in events) < 5:
-                await trio.sleep(0.01)
+            await sink.wait_for(lambda: sum(isinstance(e, Sequenced) for e in events) == 5)
         primary = redis_cluster.primary_for(f"{watcher.prefix}:{{{room}}}:meta")
         assert primary is not None
         prefix = f"{watcher.prefix}:{{{room}}}"
@@ -424,8 +443,7 @@ async def test_a_room_that_went_back_in_redis_gets_a_new_epoch(
         # The watcher's sessions end (as on a failover) and catch up.
         primary.command("CLIENT", "KILL", "TYPE", "pubsub")
         with trio.fail_after(10):
-            while not any(isinstance(e, RoomReset) for e in events):
-                await trio.sleep(0.01)
+            await sink.wait_for(lambda: any(isinstance(e, RoomReset) for e in events))
         position = await watcher.position(room)
         assert position.epoch != first.epoch
         assert position.offset == 0
