@@ -12,6 +12,7 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -280,6 +281,12 @@ def _redis_extra_missing() -> str | None:
 
 
 def _serve_command(args: argparse.Namespace) -> int:
+    if args.worker_fd is None:
+        # Importing the target can take a while; a SIGTERM meanwhile (a deploy
+        # that changes its mind) waits, blocked, until the server can drain
+        # (see Server._watch_signals and run_workers) instead of killing it.
+        # Workers inherit the block from the supervisor.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     if args.worker_fd is not None:
         # Lets an app tell its workers from the server (e.g. to log a notice once).
         os.environ["CHATCORE_WORKER"] = "1"

@@ -365,7 +365,9 @@ def run_workers(argv: Sequence[str], sock: socket.socket, workers: int) -> int:
             for _ in range(workers)
         ]
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        # From here on the supervisor takes SIGTERM (``early`` until its loop
+        # runs), even if it arrived blocked from ``chatcore serve``'s start-up.
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask - {signal.SIGTERM})
     try:
         return trio.run(_supervise, processes, early)
     finally:

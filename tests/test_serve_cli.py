@@ -353,6 +353,32 @@ async def test_handler_crash_is_1011_and_serving_goes_on(tmp_path: Path) -> None
             assert await server.wait(10) == 0
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_while_the_target_is_still_importing(tmp_path: Path, workers: str) -> None:
+    """A SIGTERM before the server listens is kept until it can drain: exit 0, not -15."""
+    gate = tmp_path / "gate"
+    log = tmp_path / "server.log"
+    argv = [sys.executable, "-m", "chatcore", "serve", "tests._slow_target:hub"]
+    argv += ["--bind", "127.0.0.1:0", "--workers", workers]
+    env = {**os.environ, "CHATCORE_TEST_GATE": str(gate)}
+    with log.open("wb") as out:
+        process = await trio.lowlevel.open_process(
+            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        with trio.fail_after(30):
+            while "slow target: importing" not in log.read_text(errors="replace"):
+                assert process.poll() is None, log.read_text()
+                await trio.sleep(0.02)
+            os.kill(process.pid, signal.SIGTERM)  # the import is blocked on the gate
+            gate.touch()
+            assert await process.wait() == 0, log.read_text()
+    finally:
+        if process.returncode is None:
+            os.kill(process.pid, signal.SIGKILL)
+    assert "received SIGTERM" in log.read_text()
+
+
 async def test_second_signal_skips_the_wait(tmp_path: Path) -> None:
     async with chatcore_serve(
         "tests._serve_targets:hub", "--drain-grace", "30", tmp_path=tmp_path
