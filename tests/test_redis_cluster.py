@@ -451,3 +451,67 @@ async def test_a_room_that_went_back_in_redis_gets_a_new_epoch(
         again = await publisher.publish(room, "u", {"i": 5}, None)
         assert (again.epoch, again.offset) == (position.epoch, 1)
         assert watcher.statistics().room_resets == 1
+
+
+# -- URLs (no Redis needed) -----------------------------------------------------------------
+
+
+def test_the_url_picks_the_implementation_and_carries_the_acknowledgement_mode() -> None:
+    from chatcore.redis import RedisBackplane, RedisClusterBackplane
+
+    single = RedisBackplane("redis://127.0.0.1:6379/0?wait_replicas=2&wait_timeout=0.25")
+    assert type(single) is RedisBackplane
+    assert single.url == "redis://127.0.0.1:6379/0"
+    assert (single.ack.replicas, single.ack.timeout, single.ack.aof) == (2, 0.25, False)
+    cluster = RedisBackplane("rediss+cluster://u:pw@h1:7000,[::1]:7001/0?wait_aof=1", node_id="x")
+    assert isinstance(cluster, RedisClusterBackplane)
+    assert cluster.node_id == "x"
+    assert cluster.ack.aof
+    assert cluster.target.seeds == (("h1", 7000), ("::1", 7001))
+    assert cluster.target.node_url("::1", 7001) == "rediss://u:pw@[::1]:7001/0"
+    assert cluster.target.node_url("h2", 7002) == "rediss://u:pw@h2:7002/0"
+    # An explicit argument wins over the URL.
+    assert RedisBackplane("redis+cluster://h:1?wait_replicas=1", wait_replicas=0).ack.replicas == 0
+    assert repr(cluster).startswith("<RedisClusterBackplane x shards=0")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://",
+        "redis+cluster://host",
+        "redis+cluster://host:0",
+        "redis+cluster://host:port",
+        "redis+cluster://h:1,:2",
+        "redis://h:1?wait_replicas=-1",
+        "redis://h:1?wait_timeout=0",
+        "redis://h:1?wait_replicas=many",
+    ],
+)
+def test_a_malformed_url_is_refused(url: str) -> None:
+    from chatcore.redis import RedisBackplane
+
+    with pytest.raises(ValueError, match=r"Cluster seed|Cluster URL|wait_|acknowledgement"):
+        RedisBackplane(url)
+
+
+def test_the_bus_channels_cover_the_slot_space_evenly() -> None:
+    from coredis._utils import hash_slot
+
+    from chatcore.redis._cluster import BUS_CHANNELS, BUS_TAGS
+
+    slots = [hash_slot(tag.encode()) for tag in BUS_TAGS]
+    assert [slot * BUS_CHANNELS // 16384 for slot in slots] == list(range(BUS_CHANNELS))
+
+
+async def test_calls_before_run_fail_clearly() -> None:
+    from chatcore.redis import RedisBackplane
+
+    backplane = RedisBackplane("redis+cluster://127.0.0.1:1")
+    with pytest.raises(BackplaneError, match="not running"):
+        await backplane.publish("r", None, {}, None)
+    backplane.watch("r")  # remembered until the topology is known
+    assert backplane.statistics().watched_rooms == 1
+    backplane.unwatch("r")
+    assert backplane.statistics().watched_rooms == 0
+    assert backplane.degraded

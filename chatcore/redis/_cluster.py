@@ -466,7 +466,7 @@ class RedisClusterBackplane(RedisBackplane):
                     self._last_error,
                 )
             else:
-                self._apply(slots)
+                await self._apply(slots)
             period = REFRESH_DEGRADED if self.degraded else REFRESH_IDLE
             with trio.move_on_after(period):
                 await self._refresh_wanted.wait()
@@ -505,7 +505,7 @@ class RedisClusterBackplane(RedisBackplane):
                 errors.append(f"{host}:{port}: {describe(exc)}")
         raise BackplaneError("no Redis Cluster node answered: " + "; ".join(errors))
 
-    def _apply(self, slots: list[Any]) -> None:
+    async def _apply(self, slots: list[Any]) -> None:
         """Make the shards, the slot table and the rooms follow ``CLUSTER SLOTS``."""
         groups: dict[str, tuple[tuple[str, int], set[str], list[tuple[int, int]]]] = {}
         for asked_host, entry in slots:
@@ -533,7 +533,7 @@ class RedisClusterBackplane(RedisBackplane):
             ):
                 shard = None  # shares nothing with it: a new shard
             if shard is None:
-                shard = self._start_shard(address)
+                shard = await self._start_shard(address)
                 changed = True
             else:
                 left.remove(shard)
@@ -597,14 +597,20 @@ class RedisClusterBackplane(RedisBackplane):
         target._channel_rooms[channel] = room
         target.restart(f"room slot moved here from {source.address[0]}:{source.address[1]}")
 
-    def _start_shard(self, address: tuple[str, int]) -> ShardBackplane:
+    async def _start_shard(self, address: tuple[str, int]) -> ShardBackplane:
         shard = ShardBackplane(self, address, **self._settings)
         if self._sink is not None:
             shard.attach(self._sink)
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_shard, shard)
+        # Started (running, not yet connected) before any call is routed to it.
+        await self._nursery.start(self._run_shard, shard)
         return shard
 
-    async def _run_shard(self, shard: ShardBackplane) -> None:
+    async def _run_shard(
+        self,
+        shard: ShardBackplane,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
         with shard.scope:
-            await shard.run()
+            await shard.run(task_status=task_status)
