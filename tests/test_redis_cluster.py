@@ -515,3 +515,66 @@ async def test_calls_before_run_fail_clearly() -> None:
     backplane.unwatch("r")
     assert backplane.statistics().watched_rooms == 0
     assert backplane.degraded
+
+
+async def test_a_publish_not_confirmed_by_enough_replicas_fails_but_is_sequenced(
+    redis_cluster: RedisCluster,
+) -> None:
+    # One replica per shard: WAIT 2 can never be satisfied.
+    async with running(redis_cluster, 2, wait_replicas=2, wait_timeout=0.2) as (
+        publisher,
+        watcher,
+    ):
+        room = "unconfirmed-" + secrets.token_hex(4)
+        sink = EventLog()
+        watcher.attach(sink)
+        watcher.watch(room)
+        await watcher.position(room)
+        with pytest.raises(BackplaneError, match="not confirmed by 2 replica"):
+            await publisher.publish(room, "u", {"i": 1}, None)
+        # It was sequenced: every watching node receives it, and it is stored.
+        with trio.fail_after(5):
+            await sink.wait_for(lambda: any(isinstance(e, Sequenced) for e in sink.events))
+        assert [m.offset for m in await watcher.recent(room, 10)] == [1]
+        assert publisher.statistics().publish_failures == 1
+
+
+class FakeConnection:
+    """Answers ``INFO server`` with a given version (for the WAITAOF choice)."""
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    async def create_request(self, *args: Any, **kwargs: Any) -> bytes:
+        assert args == (b"INFO", b"server")
+        return f"# Server\r\nredis_version:{self.version}\r\nredis_mode:cluster\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("version", "command"),
+    [("7.0.15", b"WAIT"), ("7.2.4", b"WAITAOF"), ("8.0.0", b"WAITAOF"), ("6.2.6", b"WAIT")],
+)
+async def test_waitaof_is_used_only_where_the_server_has_it(
+    version: str, command: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    from chatcore.redis import RedisBackplane
+
+    backplane = RedisBackplane("redis://127.0.0.1:1?wait_replicas=1&wait_aof=1")
+    chosen = await backplane._wait_command(FakeConnection(version))  # type: ignore[arg-type]
+    assert chosen == command
+    assert ("has no WAITAOF" in caplog.text) is (command == b"WAIT")
+
+
+@pytest.mark.parametrize(
+    ("reply", "confirmed"),
+    [(1, True), (0, False), (2, True), ([1, 1], True), ([0, 1], False), ([1, 0], False)],
+)
+async def test_the_wait_reply_decides_the_acknowledgement(reply: Any, confirmed: bool) -> None:
+    from chatcore.redis import RedisBackplane
+
+    backplane = RedisBackplane("redis://127.0.0.1:1", wait_replicas=1)
+
+    async def answer() -> Any:
+        return reply
+
+    assert await backplane._confirmed(answer()) is confirmed

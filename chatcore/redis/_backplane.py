@@ -1132,19 +1132,18 @@ class RedisBackplane(Backplane):
                             item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
                     else:
                         sequenced.append((item, as_str(reply[0]), as_int(reply[1])))
-                if replicated is not None:
-                    confirmed = await self._confirmed(replicated)
-                    if not confirmed:
-                        for item, _, _ in sequenced:
-                            item.fail(
-                                BackplaneError(
-                                    f"not confirmed by {self.ack.replicas} replica(s) within"
-                                    f" {self.ack.timeout} s: the message was sequenced but"
-                                    " may be lost if the primary fails"
-                                )
+                if replicated is not None and not await self._confirmed(replicated):
+                    for item, _, _ in sequenced:
+                        item.fail(
+                            BackplaneError(
+                                f"not confirmed by {self.ack.replicas} replica(s) within"
+                                f" {self.ack.timeout} s: the message was sequenced but"
+                                " may be lost if the primary fails"
                             )
-                for item, epoch, offset in sequenced:
-                    item.resolve(epoch, offset)
+                        )
+                else:
+                    for item, epoch, offset in sequenced:
+                        item.resolve(epoch, offset)
                 if not unscripted:
                     return
                 if attempt == 0:
