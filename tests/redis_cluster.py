@@ -104,6 +104,10 @@ class ClusterNode:
                 # One shard down leaves the others serving (per-shard degradation).
                 "--cluster-require-full-coverage",
                 "no",
+                # A returning replica syncs at once (Redis waits 5 s by
+                # default for more replicas to share a diskless transfer).
+                "--repl-diskless-sync-delay",
+                "0",
                 "--appendonly",
                 "yes",
                 "--appendfsync",
