@@ -401,6 +401,32 @@ async def test_three_processes_on_the_cluster_share_one_order_and_survive_a_fail
     await redis_cluster.wait_healthy()
 
 
+async def test_a_shards_subscriptions_killed_during_traffic(redis_cluster: RedisCluster) -> None:
+    async with running(redis_cluster, 2) as (publisher, watcher):
+        traffic = Traffic(publisher, watcher)
+        await traffic.start()
+        primary = redis_cluster.primary_for(f"{watcher.prefix}:{{{traffic.room}}}:meta")
+        assert primary is not None
+        before = [s.sessions for s in watcher.statistics().shards]
+
+        async def kill_subscriptions() -> None:
+            killed = await trio.to_thread.run_sync(
+                primary.command, "CLIENT", "KILL", "TYPE", "pubsub"
+            )
+            assert int(killed) >= 2  # both nodes' subscriptions on that shard
+
+        await traffic.run_around(kill_subscriptions, before=100, after=100)
+        stored = await traffic.stored()
+        assert traffic.lost(stored) == []
+        delivered = await traffic.delivered(max(stored))
+        assert [m.offset for m in delivered] == list(range(1, max(stored) + 1))
+        assert all(stored[m.offset] == m.message.text for m in delivered)
+        # Only the shard whose subscriptions were killed started a new session.
+        after = [s.sessions for s in watcher.statistics().shards]
+        assert sum(a - b for a, b in zip(after, before, strict=True)) == 1, (before, after)
+        assert watcher.statistics().degraded_shards == 0
+
+
 class EventLog:
     """A sink keeping every event as it arrived (no ordering of its own)."""
 
