@@ -604,3 +604,32 @@ async def test_the_wait_reply_decides_the_acknowledgement(reply: Any, confirmed:
         return reply
 
     assert await backplane._confirmed(answer()) is confirmed
+
+
+async def test_without_a_reachable_node_calls_fail_within_the_request_timeout() -> None:
+    import socket
+
+    from chatcore.redis import RedisBackplane
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backplane = RedisBackplane(
+        f"redis+cluster://127.0.0.1:{port}", request_timeout=0.3, command_timeout=0.2
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backplane.run)
+        with pytest.raises(RuntimeError, match="already running"):
+            await backplane.run()
+        backplane.watch("r")
+        started = trio.current_time()
+        with pytest.raises(BackplaneError):
+            await backplane.publish("r", None, {}, None)
+        assert trio.current_time() - started < 1.0
+        stats = backplane.statistics()
+        assert stats.degraded
+        assert stats.shards == ()
+        assert stats.watched_rooms == 1  # remembered for when the cluster answers
+        assert stats.topology_refreshes >= 1
+        assert "no Redis Cluster node answered" in (stats.last_error or "")
+        nursery.cancel_scope.cancel()

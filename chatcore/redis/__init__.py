@@ -90,6 +90,12 @@ node that is disconnected when one is sent misses it (a hub that has
 gets a :class:`~chatcore.Reconnected` event after every reconnect, to
 re-announce its presence).
 
+On Redis Cluster (:class:`RedisClusterBackplane`) the room channel is a shard
+channel (``SPUBLISH``/``SSUBSCRIBE``), the bus is 16 shard channels spread
+over the slots (a user's traffic on its hash's channel, a node's presence on
+its own), and each shard gets its own session with the rules above; see
+``chatcore.redis._cluster`` for how the topology is followed.
+
 Subscriptions follow :meth:`~RedisBackplane.watch`; after
 :meth:`~RedisBackplane.unwatch` a room stays subscribed for
 ``unsubscribe_linger`` seconds, so the hub's unwatch/watch around a first join,

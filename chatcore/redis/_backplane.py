@@ -75,7 +75,8 @@ class RedisBackplane(Backplane):
 
     Run it alongside its hub (``await nursery.start(backplane.run)``; the hub
     does this when it owns the backplane). One Redis 7+ server (or a primary
-    behind a stable address) serves any number of nodes. See the module docs
+    behind a stable address) serves any number of nodes; a Redis Cluster URL
+    makes a :class:`~chatcore.redis.RedisClusterBackplane` instead. See the module docs
     for how order, recovery and outages are handled, and ``docs/scale-out.md``.
 
     Args:
