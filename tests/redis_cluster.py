@@ -15,8 +15,6 @@ reason, except under ``CI=true``, where that is a failure.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,13 +37,7 @@ NODE_TIMEOUT_MS = 500
 
 def redis_cli_executable() -> str:
     """The ``redis-cli`` to run; skips (or fails under CI) if there is none."""
-    found = shutil.which("redis-cli")
-    if found is None:
-        reason = "redis-cli is not installed (apt-get install redis-tools)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{reason}: CI must run the Redis Cluster tests")
-        pytest.skip(reason)
-    return found
+    return redis_executable("redis-cli", "redis-tools")
 
 
 def _free_ports(count: int) -> list[int]:

@@ -30,12 +30,12 @@ __all__ = ["RedisServer", "redis_executable", "redis_server"]
 START_TIMEOUT = 10.0
 
 
-def redis_executable() -> str:
-    """The ``redis-server`` to run; skips (or fails under CI) if there is none."""
+def redis_executable(name: str = "redis-server", package: str = "redis-server") -> str:
+    """The ``redis-server`` (or another Redis binary) to run; skips (or fails under CI) if none."""
     # On PATH only: a PATH without it is how to try the suite as a machine without it.
-    found = shutil.which("redis-server")
+    found = shutil.which(name)
     if found is None:
-        reason = "redis-server is not installed (apt-get install redis-server)"
+        reason = f"{name} is not installed (apt-get install {package})"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}: CI must run the Redis tests")
         pytest.skip(reason)
