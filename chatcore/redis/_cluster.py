@@ -455,17 +455,21 @@ class RedisClusterBackplane(RedisBackplane):
         self._refresh_wanted.set()
 
     async def _follow_topology(self) -> None:
+        unread = 0  # failed reads in a row: only the first is a warning
         while True:
             try:
                 slots = await self._read_slots()
             except Exception as exc:
                 self._last_error = describe(exc)
-                logger.warning(
+                logger.log(
+                    logging.DEBUG if unread else logging.WARNING,
                     "%s: cannot read the Redis Cluster topology (%s)",
                     self.node_id,
                     self._last_error,
                 )
+                unread += 1
             else:
+                unread = 0
                 await self._apply(slots)
             period = REFRESH_DEGRADED if self.degraded else REFRESH_IDLE
             with trio.move_on_after(period):
