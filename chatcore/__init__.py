@@ -47,6 +47,7 @@ from .sansio import CloseOutcome as CloseOutcome
 from .sansio import CloseRecord as CloseRecord
 from .sansio import ConnectionState as ConnectionState
 from .sansio import Delivery as Delivery
+from .sansio import HandshakeLimits as HandshakeLimits
 from .sansio import HandshakeRequest as HandshakeRequest
 from .sansio import OutboundMessage as OutboundMessage
 from .sansio import PushResult as PushResult
@@ -72,6 +73,7 @@ __all__ = [
     "Delivery",
     "ErrorReply",
     "HandlerHealth",
+    "HandshakeLimits",
     "HandshakeRejected",
     "HandshakeRequest",
     "HistoryConfig",

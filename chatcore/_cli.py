@@ -306,7 +306,7 @@ def _serve_command(args: argparse.Namespace) -> int:
     if args.unready_when_degraded:
         app.unready_when_degraded = True
     try:
-        _serve.set_compression(args.compression)
+        _serve.set_compression(args.compression, max_message_bytes=app.config.max_message_bytes)
     except RuntimeError as exc:
         raise SystemExit(f"chatcore: {exc}") from None
     if args.worker_fd is not None:

@@ -6,6 +6,8 @@ from typing import Any
 
 import attrs
 
+from .sansio._handshake_limits import HandshakeLimits
+
 __all__ = ["Config"]
 
 
@@ -73,6 +75,8 @@ class Config:
         inbox_size: Received messages buffered before the reader stops reading
             (backpressure to the client's TCP window).
         handshake_timeout: Seconds for the opening handshake, authentication included.
+        handshake_limits: Bounds on the handshake's request line and headers
+            (:class:`~chatcore.HandshakeLimits`; over them: 414 or 431).
         close_timeout: Seconds for a close: flushing what was queued, the close
             frame, and the peer's answer. Past it the transport is aborted.
         send_timeout: Seconds one frame may take to be written. A send that
@@ -95,6 +99,7 @@ class Config:
     batch_max_messages: int = attrs.field(default=1_024, validator=_positive)
     inbox_size: int = attrs.field(default=16, validator=_positive)
     handshake_timeout: float = attrs.field(default=10.0, validator=_positive)
+    handshake_limits: HandshakeLimits = attrs.field(factory=HandshakeLimits)
     close_timeout: float = attrs.field(default=5.0, validator=_positive)
     send_timeout: float = attrs.field(default=10.0, validator=_positive)
     heartbeat_interval: float = attrs.field(default=25.0, validator=_positive)

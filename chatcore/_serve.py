@@ -46,6 +46,11 @@ long-lived WebSockets:
   client offers it (every browser does) and has no setting for it
   (pgjones/hypercorn#307). See :func:`set_compression` and ``docs/deploy.md``
   for the measurements behind ``chatcore serve``'s default.
+
+* **The wire.** hypercorn inflates compressed messages before checking their
+  size and drops TCP without a close frame on a WebSocket protocol error;
+  :mod:`chatcore._wire_guard` bounds the one and answers the other (1002,
+  1007, 1009), and ``docs/security.md`` lists what a client sees.
 """
 
 from __future__ import annotations
@@ -62,10 +67,10 @@ from typing import Any, cast
 
 import attrs
 import trio
-import wsproto.extensions
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from ._wire_guard import answer_protocol_errors, install_deflate
 from .asgi import ASGIApp
 
 __all__ = [
@@ -142,43 +147,39 @@ def create_listening_socket(
     return sock
 
 
-class _DeclinedPerMessageDeflate(wsproto.extensions.PerMessageDeflate):
-    """permessage-deflate that declines every offer (the handshake omits it)."""
-
-    def accept(self, offer: str) -> bool | str | None:
-        return None
-
-
-def set_compression(enabled: bool) -> None:
+def set_compression(enabled: bool, *, max_message_bytes: int = 65_536) -> None:
     """Whether hypercorn accepts permessage-deflate in this process.
 
     hypercorn 0.18 has no setting for it: ``WSStream`` accepts wsproto's
     ``PerMessageDeflate`` whenever the client offers it
-    (``hypercorn/protocol/ws_stream.py``; pgjones/hypercorn#307). Disabling it
-    rebinds that one module-level name to a subclass that declines the offer,
-    process-wide; this is the only place chatcore reaches into hypercorn, and
-    it refuses to guess if that name ever changes. ``chatcore serve`` calls
-    it once at start-up.
+    (``hypercorn/protocol/ws_stream.py``; pgjones/hypercorn#307). This rebinds
+    that one module-level name, process-wide: enabled, to an extension that
+    inflates a message only up to ``max_message_bytes`` and answers more with
+    1009 (a compression bomb costs no memory); disabled, to one that declines
+    the offer. It refuses to guess if that name ever changes (see
+    :mod:`chatcore._wire_guard`). ``chatcore serve`` calls it once at start-up.
+
+    Args:
+        enabled: Accept compression when a client offers it.
+        max_message_bytes: Most bytes one compressed message may inflate to
+            (``chatcore serve`` passes the app's ``Config.max_message_bytes``).
 
     Raises:
         RuntimeError: this hypercorn does not negotiate compression the way
-            0.18 does, so it cannot be switched off here.
+            0.18 does, so it cannot be bounded or switched off here.
     """
-    from hypercorn.protocol import ws_stream
-
-    current = getattr(ws_stream, "PerMessageDeflate", None)
-    if not (
-        isinstance(current, type) and issubclass(current, wsproto.extensions.PerMessageDeflate)
-    ):
+    try:
+        install_deflate(enabled, max_message_bytes)
+    except RuntimeError:
         if enabled:
-            return
+            raise RuntimeError(
+                "cannot bound permessage-deflate for this hypercorn version; "
+                "run with compression disabled"
+            ) from None
         raise RuntimeError(
             "cannot switch off permessage-deflate for this hypercorn version; "
             "run with compression enabled"
-        )
-    ws_stream.PerMessageDeflate = (  # type: ignore[attr-defined]
-        wsproto.extensions.PerMessageDeflate if enabled else _DeclinedPerMessageDeflate
-    )
+        ) from None
 
 
 def hypercorn_config(app: ASGIApp, *, access_log: bool = True) -> HypercornConfig:
@@ -187,13 +188,16 @@ def hypercorn_config(app: ASGIApp, *, access_log: bool = True) -> HypercornConfi
     Logs go through :mod:`logging` (``hypercorn.access``, ``hypercorn.error``).
     hypercorn's own per-message limit is set to twice chatcore's, so chatcore
     itself answers oversize messages with 1009 and records why; only a
-    message beyond that is cut off by hypercorn (also with 1009).
+    message beyond that is cut off by hypercorn (also with 1009). hypercorn
+    buffers at most ``Config.handshake_limits.max_head_bytes`` of a request
+    head that is still incomplete (more gets 431).
     """
     config = HypercornConfig()
     config.accesslog = logging.getLogger("hypercorn.access") if access_log else None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = SHUTDOWN_GRACE
     config.websocket_max_message_size = 2 * app.config.max_message_bytes
+    config.h11_max_incomplete_size = app.config.handshake_limits.max_head_bytes
     return config
 
 
@@ -289,6 +293,7 @@ async def serve(
     a 1012 close frame.
     """
     config = config or hypercorn_config(app, access_log=access_log)
+    answer_protocol_errors(True)  # close frames for protocol errors (chatcore._wire_guard)
     duplicates = [os.dup(sock.fileno()) for sock in sockets]
     config.bind = [f"fd://{fd}" for fd in duplicates]
     server = Server(app, tuple(websocket_url(sock, app.path) for sock in sockets), config=config)

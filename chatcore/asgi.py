@@ -14,7 +14,9 @@ Run it with ``chatcore serve chat:app`` (the production entry point: it owns
 SIGTERM and drains gracefully, see ``docs/deploy.md``) or with plain
 ``hypercorn --worker-class trio chat:app``.
 
-Routes:
+Routes (a request over ``Config.handshake_limits`` gets 414 or 431 first,
+and a WebSocket handshake without exactly one valid ``Sec-WebSocket-Key``
+400; see ``docs/security.md``):
 
 * ``websocket`` on ``path`` (default ``/ws``): a chatcore connection. Other
   WebSocket paths are refused with HTTP 404, and while draining every
@@ -57,6 +59,7 @@ from .transports._asgi_stream import (
     ASGIScope,
     ASGISend,
     ASGIStream,
+    screen_request,
 )
 
 __all__ = [
@@ -270,7 +273,10 @@ class ASGIApp:
             raise ValueError(f"unsupported ASGI scope type {kind!r}")
 
     async def _websocket(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
-        if scope.get("path") != self.path:
+        if (refusal := screen_request(scope, self.config.handshake_limits)) is not None:
+            # Over a handshake limit (414/431) or a bad key (400): see docs/security.md.
+            await refuse_asgi_websocket(scope, receive, send, refusal.status, refusal.body)
+        elif scope.get("path") != self.path:
             await refuse_asgi_websocket(scope, receive, send, 404, b"not found")
         elif self.draining:
             await refuse_asgi_websocket(
@@ -287,7 +293,9 @@ class ASGIApp:
             )
 
     async def _http(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
-        if scope.get("path") == self.health_path:
+        if (refusal := screen_request(scope, self.config.handshake_limits)) is not None:
+            await _respond(send, refusal.status, refusal.body)  # 414/431, as for handshakes
+        elif scope.get("path") == self.health_path:
             method = scope.get("method", "GET")
             if method in ("GET", "HEAD"):
                 health = self.health()

@@ -86,6 +86,9 @@ class ASGIWebSocketDriver:
         denial_extension: bool = True,
     ) -> None:
         path, _, query = target.partition("?")
+        if not any(name.lower() == "sec-websocket-key" for name, _ in headers):
+            # hypercorn passes only handshakes that carry a key (RFC 6455 4.2.1).
+            headers = [*headers, ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")]
         self.app = app
         self.scope: dict[str, Any] = {
             "type": "websocket",

@@ -64,7 +64,11 @@ def ws_scope(**changes: Any) -> dict[str, Any]:
         "scheme": "ws",
         "path": "/ws",
         "query_string": b"token=abc&x=1",
-        "headers": [(b"Host", b"example.test"), (b"origin", b"http://example.test")],
+        "headers": [
+            (b"Host", b"example.test"),
+            (b"origin", b"http://example.test"),
+            (b"sec-websocket-key", b"dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
         "client": ["10.0.0.7", 5555],
         "subprotocols": ["chat.v1"],
         "extensions": {"websocket.http.response": {}},
@@ -81,7 +85,11 @@ def test_request_from_scope_converts_everything() -> None:
     assert request == HandshakeRequest(
         path="/ws",
         query_string="token=abc&x=1",
-        headers=(("host", "example.test"), ("origin", "http://example.test")),
+        headers=(
+            ("host", "example.test"),
+            ("origin", "http://example.test"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ),
         client=("10.0.0.7", 5555),
         subprotocols=("chat.v1",),
         scheme="ws",

@@ -45,6 +45,7 @@ EXPECTED: dict[str, set[str]] = {
         "Accept",
         "Reject",
         "HandshakeRequest",
+        "HandshakeLimits",
         # messages
         "Delivery",
         "OutboundMessage",
@@ -95,6 +96,10 @@ EXPECTED: dict[str, set[str]] = {
         "Accept",
         "HandshakeRequest",
         "Reject",
+        "HandshakeLimits",
+        "RequestHeadScanner",
+        "check_request_head",
+        "check_websocket_key",
         # the outbox
         "Delivery",
         "OutboundMessage",

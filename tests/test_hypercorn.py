@@ -38,6 +38,7 @@ from chatcore import (
     Session,
 )
 from chatcore._serve import create_listening_socket, set_compression
+from chatcore._wire_guard import answer_protocol_errors
 from chatcore.asgi import ASGIApp
 from chatcore.testing import (
     MESSAGE_STREAM_CHECKS,
@@ -377,17 +378,30 @@ async def test_client_close_code_is_recorded_as_1006() -> None:
 # -- trap: invalid UTF-8 drops TCP without a close frame -------------------------------------
 
 
-async def test_invalid_utf8_is_a_dropped_connection_and_the_server_stays_healthy() -> None:
+@pytest.mark.parametrize("answered", [False, True], ids=["plain-hypercorn", "chatcore-serve"])
+async def test_invalid_utf8_is_a_dropped_connection_and_the_server_stays_healthy(
+    answered: bool,
+) -> None:
+    # Plain hypercorn drops TCP without a close frame (the client sees 1006, not
+    # 1007); chatcore serve's wire guard makes hypercorn send the close frame.
+    previous = answer_protocol_errors(answered)
     handler = Recording()
-    async with running_hypercorn(ASGIApp(handler, config=FAST)) as run:
-        with trio.fail_after(10):
-            async with connected(run.port) as client:
-                assert await receive_message(client) == {"type": "ready"}
-                await client.send_raw_frame(0x1, b"\xff\xfe")  # a text frame, not UTF-8
-                assert await close_code(client) == 1006  # no close frame, not 1007
-                assert client.received_close is None
-            await echo_works(run.port)
-        assert run.alive
+    try:
+        async with running_hypercorn(ASGIApp(handler, config=FAST)) as run:
+            with trio.fail_after(10):
+                async with connected(run.port) as client:
+                    assert await receive_message(client) == {"type": "ready"}
+                    await client.send_raw_frame(0x1, b"\xff\xfe")  # a text frame, not UTF-8
+                    assert await close_code(client) == (1007 if answered else 1006)
+                    if answered:
+                        assert client.received_close is not None
+                        assert "can't decode byte 0xff" in client.received_close.reason
+                    else:
+                        assert client.received_close is None
+                await echo_works(run.port)
+            assert run.alive
+    finally:
+        answer_protocol_errors(previous)
     # The bad frame and echo_works' own close: hypercorn reports both as 1006.
     assert [(r.code, r.cause) for r in handler.records] == [(1006, CloseCause.TRANSPORT)] * 2
 

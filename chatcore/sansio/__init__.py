@@ -26,6 +26,10 @@ from ._errors import (
 from ._handshake import Accept as Accept
 from ._handshake import HandshakeRequest as HandshakeRequest
 from ._handshake import Reject as Reject
+from ._handshake_limits import HandshakeLimits as HandshakeLimits
+from ._handshake_limits import RequestHeadScanner as RequestHeadScanner
+from ._handshake_limits import check_request_head as check_request_head
+from ._handshake_limits import check_websocket_key as check_websocket_key
 from ._history import History as History
 from ._history import HistoryEntry as HistoryEntry
 from ._history import Recovery as Recovery
@@ -109,6 +113,7 @@ __all__ = [
     "Emit",
     "EpochChanged",
     "ErrorCode",
+    "HandshakeLimits",
     "HandshakeRequest",
     "Held",
     "History",
@@ -141,6 +146,7 @@ __all__ = [
     "Ref",
     "Reject",
     "RemoteProtocolError",
+    "RequestHeadScanner",
     "RoomBroadcast",
     "RoomSequencer",
     "Sequenced",
@@ -151,6 +157,8 @@ __all__ = [
     "UserDisconnect",
     "UserMessage",
     "WindowCounter",
+    "check_request_head",
+    "check_websocket_key",
     "decode_node_event",
     "encode",
     "encode_error",

@@ -67,7 +67,14 @@ import trio
 
 from .._exceptions import LocalProtocolError, PeerGone
 from .._transport import MessageStream
-from ..sansio import HandshakeRequest, handshake_status_for
+from ..sansio import (
+    HandshakeLimits,
+    HandshakeRequest,
+    Reject,
+    check_request_head,
+    check_websocket_key,
+    handshake_status_for,
+)
 
 __all__ = [
     "LINGER",
@@ -78,6 +85,7 @@ __all__ = [
     "ASGIStream",
     "deny_websocket",
     "request_from_scope",
+    "screen_request",
 ]
 
 logger = logging.getLogger("chatcore.asgi")
@@ -134,6 +142,43 @@ def request_from_scope(scope: ASGIScope) -> HandshakeRequest:
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"malformed websocket scope: {exc}") from exc
+
+
+def screen_request(scope: ASGIScope, limits: HandshakeLimits) -> Reject | None:
+    """The refusal an ``http`` or ``websocket`` scope deserves before anything else, or None.
+
+    The ASGI server parsed the request head already (hypercorn bounds only a
+    head that is still incomplete, by ``h11_max_incomplete_size``); this
+    applies :class:`~chatcore.HandshakeLimits` to what it parsed (414 for the
+    request line, 431 for the headers). A WebSocket handshake must also carry
+    exactly one valid ``Sec-WebSocket-Key`` (400); HTTP/2 WebSockets
+    (RFC 8441) carry none.
+
+    Args:
+        scope: The ``http`` or ``websocket`` scope.
+        limits: The bounds (``Config.handshake_limits``).
+
+    Returns:
+        The :class:`~chatcore.Reject` to answer with, or ``None``.
+    """
+    try:
+        raw_headers = [(bytes(name), bytes(value)) for name, value in scope.get("headers", ())]
+        target = bytes(scope.get("raw_path") or str(scope.get("path", "/")).encode())
+        query = bytes(scope.get("query_string", b""))
+    except (TypeError, ValueError):
+        return Reject(400, b"malformed request\n")
+    if query:
+        target += b"?" + query
+    refusal = check_request_head(target, raw_headers, limits)
+    if (
+        refusal is None
+        and scope.get("type") == "websocket"
+        and str(scope.get("http_version", "1.1")) in ("1.0", "1.1")
+    ):
+        refusal = check_websocket_key(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in raw_headers
+        )
+    return refusal
 
 
 def _encode_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:

@@ -50,6 +50,19 @@ see ``docs/transports.md``). Each trap and the piece that handles it:
   cut off; :meth:`~TrioWebSocketStream.send` raises
   :class:`~chatcore.PeerGone` with the peer's code.
 
+* **The library's HTTP parser takes any request line and up to 16 KiB of
+  headers, and any** ``Sec-WebSocket-Key``. :class:`_OwnedStream` feeds what
+  the library reads to a :class:`~chatcore.sansio.RequestHeadScanner` first:
+  a head over :attr:`Config.handshake_limits <chatcore.Config.handshake_limits>`
+  is answered with 414 or 431 here (the library sees only EOF), and
+  :func:`open_trio_websocket_stream` refuses a missing, repeated or malformed
+  key with 400 before anyone can accept it.
+* **wsproto answers protocol errors with no close frame** (unmasked frames,
+  reserved bits, unknown opcodes, control frames over 125 bytes, bad close
+  codes): as for invalid UTF-8, :meth:`~TrioWebSocketStream.receive` raises
+  :class:`~chatcore.RemoteProtocolError` with wsproto's code and reason
+  (1002, 1007) and :meth:`~TrioWebSocketStream.close` sends that close frame.
+
 Ownership of the socket: only this module closes it. A clean close (both
 close frames exchanged) ends with a FIN; everything else (abort, a broken
 send, a missed deadline) with a RST (``SO_LINGER`` 0), so the kernel discards
@@ -58,6 +71,7 @@ whatever is queued for a client that stopped reading.
 
 from __future__ import annotations
 
+import http
 import logging
 import socket
 import struct
@@ -74,7 +88,7 @@ from wsproto.frame_protocol import FrameProtocol
 from .._config import Config
 from .._exceptions import ChatcoreError, LocalProtocolError, PeerGone, RemoteProtocolError
 from .._transport import MessageStream
-from ..sansio import HandshakeRequest
+from ..sansio import HandshakeRequest, Reject, RequestHeadScanner, check_websocket_key
 
 __all__ = ["TrioWebSocketStream", "open_trio_websocket_stream"]
 
@@ -98,6 +112,10 @@ _DRAIN_ERRORS: tuple[type[Exception], ...] = (*_LINK_ERRORS, trio.BusyResourceEr
 
 # SO_LINGER on, timeout 0: close() sends a RST and discards unsent data.
 _LINGER_RST = struct.pack("ii", 1, 0)
+
+#: Seconds a refused handshake's answer may take, with the client's remaining
+#: input read and discarded (so that closing does not reset the connection).
+_REFUSAL_LINGER = 1.0
 
 # First byte of an unfragmented close frame (FIN + opcode 0x8). wsproto turns
 # each event into exactly one frame and trio-websocket writes each with one
@@ -124,9 +142,15 @@ class _OwnedStream(trio.abc.Stream):
     (before a 1007 close frame could go out) or never (after a refusal).
     """
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self, inner: trio.abc.Stream, scanner: RequestHeadScanner | None = None) -> None:
         #: The real stream. Only this class and the adapter's close paths use it.
         self.inner = inner
+        # Checks the request head against the handshake limits while the
+        # library reads it; dropped once the head is complete.
+        self.scanner = scanner
+        # Set when the head broke a limit: the library got EOF instead of the
+        # offending bytes, and the adapter answers with this refusal.
+        self.refusal: Reject | None = None
         # Set by the adapter once the handshake is accepted: from then on every
         # write is one WebSocket frame (before it, a rejection body could start
         # with any byte).
@@ -179,6 +203,15 @@ class _OwnedStream(trio.abc.Stream):
             raise
         if not data:
             self.lost.set()
+        elif self.scanner is not None:
+            if self.scanner.feed(data) is not None:
+                # The library sees the end of the stream, never the excess.
+                self.refusal = self.scanner.refusal
+                self.scanner = None
+                self.lost.set()
+                return b""
+            if self.scanner.complete:
+                self.scanner = None
         return data
 
     async def aclose(self) -> None:
@@ -454,6 +487,9 @@ class TrioWebSocketStream(MessageStream):
     async def send(self, text: str) -> None:
         """Send one text frame.
 
+        After the peer broke the protocol (see :meth:`receive`), the text is
+        discarded: only the close frame that answers the fault may follow.
+
         Raises:
             PeerGone: the link is gone, closing, or broken by an earlier
                 interrupted send.
@@ -481,7 +517,14 @@ class TrioWebSocketStream(MessageStream):
                 # Our own close started while this send was in flight.
                 raise PeerGone(None) from exc
             gone = await self._settle(ws)
-            raise PeerGone(None if gone.protocol_error else gone.code, gone.reason) from None
+            if gone.protocol_error:
+                # The library failed the connection on the peer's fault and
+                # takes no more data; the link is still good for the close
+                # frame that answers the fault, which close() sends next (the
+                # actor closes once its reader sees the RemoteProtocolError).
+                # Raising here would make that close look like a lost link.
+                return
+            raise PeerGone(gone.code, gone.reason) from None
         finally:
             if not done:
                 # Interrupted midway: never write after a partial frame.
@@ -657,9 +700,41 @@ async def _read_handshake(
                 library_nursery, link, max_message_size=config.max_message_bytes
             )
             race.cancel_scope.cancel()
+    if link.refusal is not None:
+        await _send_refusal(link, link.refusal)
     if library_request is None:
         raise PeerGone(None)
     return library_request
+
+
+async def _send_refusal(link: _OwnedStream, refusal: Reject) -> None:
+    """Answer a request head over a handshake limit (414/431), then close TCP.
+
+    The library never saw the excess (it got EOF), so the answer is written
+    here. Then the stream is half-closed and what the client still sends is
+    read and discarded for up to :data:`_REFUSAL_LINGER` seconds: closing
+    with unread input would reset the connection and could destroy the answer.
+    """
+    phrase = http.HTTPStatus(refusal.status).phrase
+    head = (
+        f"HTTP/1.1 {refusal.status} {phrase}\r\n"
+        "content-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(refusal.body)}\r\n"
+        "connection: close\r\n\r\n"
+    ).encode()
+    inner = link.inner
+    graceful = False
+    with trio.move_on_after(_REFUSAL_LINGER):
+        try:
+            await inner.send_all(head + refusal.body)
+            if isinstance(inner, trio.abc.HalfCloseableStream):
+                await inner.send_eof()
+            while await inner.receive_some(65536):
+                pass
+            graceful = True
+        except _DRAIN_ERRORS:
+            pass
+    await link.release(graceful=graceful)
 
 
 @asynccontextmanager
@@ -680,8 +755,9 @@ async def open_trio_websocket_stream(
     Args:
         stream: A freshly accepted stream (a :class:`trio.SocketStream`, or a
             :class:`trio.SSLStream` over one).
-        config: Bounds; ``handshake_timeout`` limits reading the handshake
-            and ``max_message_bytes`` is trio-websocket's message limit
+        config: Bounds; ``handshake_timeout`` limits reading the handshake,
+            ``handshake_limits`` its request line and headers, and
+            ``max_message_bytes`` is trio-websocket's message limit
             (default :class:`~chatcore.Config` ``()``).
 
     Yields:
@@ -690,13 +766,16 @@ async def open_trio_websocket_stream(
     Raises:
         PeerGone: the client sent no complete WebSocket handshake within
             ``handshake_timeout``, left, or sent something else (a plain HTTP
-            request gets a 400 from wsproto). The stream is closed.
+            request gets a 400 from wsproto). A head over
+            ``handshake_limits`` got 414 or 431, and a missing, repeated or
+            malformed ``Sec-WebSocket-Key`` got 400 (see docs/security.md).
+            The stream is closed.
 
     Cancellation: while reading the handshake, the stream is reset and the
     cancellation propagates.
     """
     cfg = config or Config()
-    link = _OwnedStream(stream)
+    link = _OwnedStream(stream, RequestHeadScanner(cfg.handshake_limits))
     # Exceptions from the body (and our own) are raised after the nursery has
     # closed, so they come out as themselves, not wrapped in an ExceptionGroup.
     failure: BaseException | None = None
@@ -704,9 +783,14 @@ async def open_trio_websocket_stream(
         try:
             library_nursery: trio.Nursery = await nursery.start(_host_library_tasks, link)
             library_request = await _read_handshake(library_nursery, link, cfg)
-            yield TrioWebSocketStream(
+            transport = TrioWebSocketStream(
                 library_request, link, _handshake_request(library_request, stream)
             )
+            refusal = check_websocket_key(transport.request.headers)
+            if refusal is not None:
+                await transport.reject(refusal.status, body=refusal.body)
+                raise PeerGone(None)
+            yield transport
         except BaseException as exc:
             failure = exc
         finally:
