@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.redis_server import redis_executable
+from tests.redis_server import redis_executable, unblocked_signals
 
 __all__ = ["ClusterNode", "RedisCluster", "redis_cluster"]
 
@@ -110,6 +110,7 @@ class ClusterNode:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=unblocked_signals,
         )
         self.pids.append(self.process.pid)
 
