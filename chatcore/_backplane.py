@@ -49,6 +49,7 @@ import trio
 
 from ._config import _positive, _positive_or_none
 from ._exceptions import ChatcoreError
+from ._memory import release_free_memory
 from .sansio import (
     History,
     NodeEvent,
@@ -60,6 +61,7 @@ from .sansio import (
     UserDisconnect,
     UserMessage,
 )
+from .sansio._history import HistoryBudget
 from .sansio._protocol import encode_message
 
 __all__ = [
@@ -85,6 +87,10 @@ class BackplaneError(ChatcoreError):
     """
 
 
+#: History freed by one sweep after which free memory is handed back to the system.
+_RELEASE_AFTER = 8 * 1024 * 1024
+
+
 @attrs.frozen
 class HistoryConfig:
     """How much of each room's order is kept for recovery.
@@ -97,12 +103,19 @@ class HistoryConfig:
             beyond it the least recently used rooms without members are
             forgotten, and get a new epoch if they come back. A room with
             members is never forgotten.
+        total_bytes: Memory the histories of all rooms may hold together
+            (in-process backplane only; ``None``: no limit). Past it, rooms
+            without members are forgotten, least recently used first, then
+            the histories of rooms with members are emptied, least recently
+            published first. Counted as the size of the held texts in memory
+            plus a fixed cost per message.
     """
 
     max_messages: int = attrs.field(default=1_000, validator=_positive)
     max_age: float | None = attrs.field(default=3_600.0, validator=_positive_or_none)
     max_bytes: int | None = attrs.field(default=1_048_576, validator=_positive_or_none)
     rooms: int = attrs.field(default=10_000, validator=_positive)
+    total_bytes: int | None = attrs.field(default=256 * 1024 * 1024, validator=_positive_or_none)
 
 
 @attrs.frozen
@@ -276,9 +289,11 @@ class Backplane(abc.ABC):
 class _RoomStore:
     __slots__ = ("epoch", "history")
 
-    def __init__(self, history: HistoryConfig) -> None:
+    def __init__(self, history: HistoryConfig, budget: HistoryBudget) -> None:
         self.epoch = secrets.token_hex(4)
-        self.history = History(history.max_messages, history.max_age, history.max_bytes)
+        self.history = History(
+            history.max_messages, history.max_age, history.max_bytes, budget=budget
+        )
 
 
 class LocalBackplane(Backplane):
@@ -304,10 +319,52 @@ class LocalBackplane(Backplane):
         self._watched: set[str] = set()
         # The other stored rooms, least recently used first: forgotten first.
         self._idle: OrderedDict[str, None] = OrderedDict()
+        # Memory held by every room's history together (history.total_bytes).
+        self._budget = HistoryBudget(self.history.total_bytes)
+
+    @property
+    def history_bytes(self) -> int:
+        """Memory the rooms' histories hold now (as ``HistoryConfig.total_bytes`` counts it)."""
+        return self._budget.held
+
+    @property
+    def rooms_kept(self) -> int:
+        """Rooms whose order is kept in memory (with or without members)."""
+        return len(self._rooms)
 
     def attach(self, sink: BackplaneSink) -> None:
         """See :meth:`Backplane.attach`."""
         self._sink = sink
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sweep aged messages out of every room until cancelled.
+
+        With ``history.max_age`` set, every ``max_age / 10`` seconds (at most a
+        minute) messages past their age are dropped from every room, so a room
+        nobody comes back to gives its memory back without waiting to be pushed
+        out. The room's order (epoch, last offset) stays: a client that missed
+        nothing still recovers; the rooms kept are bounded by ``history.rooms``.
+        After a sweep that freed 8 MiB or more, the C allocator is asked to
+        return its free pages to the system (glibc's ``malloc_trim``).
+        """
+        task_status.started()
+        max_age = self.history.max_age
+        if max_age is None:
+            await trio.sleep_forever()
+        while True:
+            await trio.sleep(min(max_age / 10, 60.0))
+            held = self._budget.held
+            self.sweep(trio.current_time())
+            if held - self._budget.held >= _RELEASE_AFTER:
+                release_free_memory()  # else the freed texts stay in the RSS
+
+    def sweep(self, now: float) -> int:
+        """Drop messages older than ``history.max_age`` at ``now`` from every room.
+
+        Returns:
+            How many messages were dropped.
+        """
+        return sum(store.history.trim(now) for store in self._rooms.values())
 
     def watch(self, room: str) -> None:
         """See :meth:`Backplane.watch` (the room's order is kept while watched)."""
@@ -326,13 +383,26 @@ class LocalBackplane(Backplane):
         """Forget least recently used unwatched rooms while more than ``limit`` are kept."""
         while len(self._rooms) > limit and self._idle:
             name, _ = self._idle.popitem(last=False)
-            del self._rooms[name]
+            self._rooms.pop(name).history.clear()
+
+    def _shrink(self) -> None:
+        """Get back under ``history.total_bytes``: rooms without members go first."""
+        budget = self._budget
+        while budget.over and self._idle:
+            name, _ = self._idle.popitem(last=False)
+            self._rooms.pop(name).history.clear()
+        # Rooms with members keep their order (epoch, offset); only their
+        # held messages go, least recently published first.
+        for store in list(self._rooms.values()):
+            if not budget.over:
+                break
+            store.history.clear()
 
     def _store(self, room: str) -> _RoomStore:
         store = self._rooms.get(room)
         if store is None:
             self._forget(self.history.rooms - 1)
-            store = self._rooms[room] = _RoomStore(self.history)
+            store = self._rooms[room] = _RoomStore(self.history, self._budget)
             if room not in self._watched:
                 self._idle[room] = None
         elif room in self._idle:
@@ -350,6 +420,10 @@ class LocalBackplane(Backplane):
         # Encode before the offset is taken: unencodable data leaves no gap.
         message = encode_message(room, offset, store.epoch, sender, data)
         history.append(offset, message, trio.current_time())
+        # Least recently published first in _rooms, for _shrink.
+        self._rooms[room] = self._rooms.pop(room)
+        if self._budget.over:
+            self._shrink()
         if self._sink is not None:
             self._sink.backplane_event(Sequenced(room, store.epoch, offset, message, nonce))
         return Position(store.epoch, offset)

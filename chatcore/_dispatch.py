@@ -15,12 +15,25 @@ so one connection's messages are handled in order.
   ones and the next live one.
 * ``leave``, ``ping``, ``pong``; bad frames (counted: too many close with 1008);
   application-defined types (``Hub.on``).
+
+Every frame but a bad one is paid for first from the connection's frame
+budget (``chatcore.sansio._budget.FrameBudget``: its type's cost), and what
+the server answers a join or an application request (its reply, a replayed
+backlog) is charged by size after.
+A refused frame is answered ``rate_limited`` and does nothing else; too many
+refusals close the connection with 1008.
+
+A join that would open a room no one here is in is a *new room*: it is
+refused (``at_capacity``) while the process holds ``HubConfig.max_rooms``
+rooms, and (``too_many_new_rooms``) past the user's new-room rate.
 """
 
 from __future__ import annotations
 
+import contextvars
 import itertools
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
 import trio
@@ -31,6 +44,8 @@ from ._presence_relay import PresenceRelay
 from ._rooms import Room, RoomRegistry
 from ._session import ErrorReply, Member, Session, answer, answer_error
 from .sansio import CloseCause, Sequenced
+from .sansio._budget import Spend
+from .sansio._limits import WindowCounter
 from .sansio._protocol import (
     AppMessage,
     BadFrame,
@@ -45,7 +60,13 @@ from .sansio._protocol import (
     parse_client_message,
 )
 
-__all__ = ["Dispatcher", "MessageHandler", "outbox_busy"]
+__all__ = ["SENDER", "Dispatcher", "MessageHandler", "outbox_busy"]
+
+#: The member whose message handler (or a task it started) is running: what
+#: the handler makes the server do on its behalf is charged to it.
+SENDER: contextvars.ContextVar[Member | None] = contextvars.ContextVar(
+    "chatcore_sender", default=None
+)
 
 #: ``handler(session, message) -> reply data``; raise :class:`ErrorReply` to refuse.
 MessageHandler: TypeAlias = Callable[[Session, AppMessage], Awaitable[Any]]
@@ -66,6 +87,11 @@ class Dispatcher:
         max_rooms: Rooms one connection may be in.
         authorize_join: The application's join hook.
         on_publish: The application's publish hook.
+        costs: Tokens each built-in frame type costs.
+        max_rooms_here: Rooms with members in this process (``None``: no limit).
+        new_rooms_per_user: Rooms a user may open per ``new_room_window``
+            (``None``: no limit).
+        new_room_window: Seconds of the new-room window.
     """
 
     def __init__(
@@ -77,15 +103,32 @@ class Dispatcher:
         max_rooms: int,
         authorize_join: Callable[[Session, str], Awaitable[bool]] | None,
         on_publish: Callable[[Session, str, Any], Awaitable[Any]] | None,
+        costs: Mapping[str, float],
+        max_rooms_here: int | None = None,
+        new_rooms_per_user: int | None = None,
+        new_room_window: float = 60.0,
     ) -> None:
         self.registry = registry
         self.presence = presence
         self.backplane = backplane
         self.max_rooms = max_rooms
+        self.max_rooms_here = max_rooms_here
+        self.new_rooms_per_user = new_rooms_per_user
+        self.new_room_window = new_room_window
         #: App-defined message types -> handlers.
         self.handlers: dict[str, MessageHandler] = {}
+        #: App-defined message types -> their cost in tokens (default 1).
+        self.handler_costs: dict[str, float] = {}
         #: Room messages given an offset through this hub.
         self.published = 0
+        #: Frames refused for an empty budget.
+        self.rate_limited = 0
+        #: Joins refused by the room cap or the new-room rate.
+        self.refused_rooms = 0
+        self._costs = costs
+        # user -> rooms they opened recently, least recently active first;
+        # pruned once a user's window is empty (bounded by recent openers).
+        self._openers: OrderedDict[str, WindowCounter] = OrderedDict()
         self._authorize_join = authorize_join
         self._on_publish = on_publish
         self._nonces = itertools.count(1)
@@ -96,22 +139,75 @@ class Dispatcher:
     async def dispatch(self, member: Member, text: str) -> None:
         """Handle one client message (a text frame)."""
         message = parse_client_message(text)
+        costs = self._costs
         if isinstance(message, Publish):
-            await self._publish(member, message)
+            if self._pay(member, costs["publish"], message.ref, "publishing too fast"):
+                await self._publish(member, message)
         elif isinstance(message, Pong):
-            pass  # liveness was already noted by the connection's reader
+            # Liveness was already noted by the connection's reader; a flood of
+            # pongs is still paid for (refusals are counted, not answered).
+            self._pay(member, costs["pong"], None, None)
         elif isinstance(message, Join):
-            await self._join(member, message)
+            if self._pay(member, costs["join"], message.ref, "joining too fast"):
+                await self._join(member, message)
         elif isinstance(message, Leave):
-            if message.room in member.rooms:
-                self.registry.remove_member(member, message.room)
-            answer(member.connection, message.ref, {"room": message.room})
+            if self._pay(member, costs["leave"], message.ref, "leaving too fast"):
+                if message.room in member.rooms:
+                    self.registry.remove_member(member, message.room)
+                answer(member.connection, message.ref, {"room": message.room})
         elif isinstance(message, Ping):
-            answer(member.connection, message.ref)
+            if self._pay(member, costs["ping"], message.ref, "pinging too fast"):
+                answer(member.connection, message.ref)
         elif isinstance(message, BadFrame):
             self._bad_frame(member, message.code, message.message, message.ref)
         else:
             await self._app_message(member, message)
+
+    def _pay(self, member: Member, cost: float, ref: Ref | None, refusal: str | None) -> bool:
+        """Take ``cost`` from the member's budget; False: refused (answered or closed)."""
+        verdict = member.budget.spend(cost, trio.current_time())
+        if verdict is Spend.OK:
+            return True
+        self.rate_limited += 1
+        if verdict is Spend.ABUSE:
+            member.connection.close_nowait(
+                1008, "sustained rate-limit abuse", cause=CloseCause.PROTOCOL
+            )
+        elif refusal is not None:
+            answer_error(member.connection, ref, ErrorCode.RATE_LIMITED, refusal)
+        return False
+
+    @staticmethod
+    def _charge(member: Member, nbytes: int) -> None:
+        """Charge what was answered to the asker, by size."""
+        member.budget.charge_bytes(nbytes, trio.current_time())
+
+    def _room_refusal(self, member: Member, name: str) -> tuple[str, str] | None:
+        """Why ``member`` may not open room ``name`` now, or ``None`` (then it is counted)."""
+        if name in self.registry.rooms:
+            return None  # not a new room here
+        if self.max_rooms_here is not None and len(self.registry.rooms) >= self.max_rooms_here:
+            return ErrorCode.AT_CAPACITY, "this server holds as many rooms as it may"
+        limit = self.new_rooms_per_user
+        if limit is None:
+            return None
+        now = trio.current_time()
+        openers = self._openers
+        # Forget users whose window is empty (oldest activity first).
+        while openers:
+            oldest = next(iter(openers.values()))
+            if oldest.count(now):
+                break
+            openers.popitem(last=False)
+        user = member.session.user
+        counter = openers.get(user)
+        if counter is None:
+            counter = openers[user] = WindowCounter(limit, self.new_room_window)
+        openers.move_to_end(user)
+        if counter.count(now) >= limit:
+            return ErrorCode.TOO_MANY_NEW_ROOMS, "opening new rooms too fast"
+        counter.hit(now)
+        return None
 
     def _bad_frame(self, member: Member, code: str, text: str, ref: Ref | None) -> None:
         if member.bad_frames.hit(trio.current_time()):
@@ -127,6 +223,11 @@ class Dispatcher:
             return
         if len(member.rooms) >= self.max_rooms:
             answer_error(connection, message.ref, ErrorCode.TOO_MANY_ROOMS, "too many rooms")
+            return
+        refusal = self._room_refusal(member, name)
+        if refusal is not None:
+            self.refused_rooms += 1
+            answer_error(connection, message.ref, *refusal)
             return
         if self._authorize_join is not None:
             try:
@@ -167,9 +268,11 @@ class Dispatcher:
         data: dict[str, Any] = {"room": name, "epoch": room.epoch, "offset": room.offset}
         if recovered is not None:
             data["recovered"] = recovered
-        answer(connection, message.ref, data)
+        nbytes = answer(connection, message.ref, data)
         for item in replay:
             connection.offer(item.message)
+            nbytes += item.message.nbytes
+        self._charge(member, nbytes)
         self.presence.joined(member, room, backlog)
 
     async def join_from_server(self, member: Member, name: str) -> bool:
@@ -232,18 +335,9 @@ class Dispatcher:
         return replay, True
 
     async def _publish(self, member: Member, message: Publish) -> None:
+        # Paid for already, joined or not: a client cannot flood with publishes
+        # to rooms it is not in.
         connection = member.connection
-        # Every publish frame spends a token, joined or not, so a client cannot
-        # flood with publishes to rooms it is not in.
-        now = trio.current_time()
-        if not member.bucket.take(now):
-            if member.abuse.hit(now):
-                connection.close_nowait(
-                    1008, "sustained rate-limit abuse", cause=CloseCause.PROTOCOL
-                )
-                return
-            answer_error(connection, message.ref, ErrorCode.RATE_LIMITED, "publishing too fast")
-            return
         room = member.rooms.get(message.room)
         if room is None:
             answer_error(
@@ -288,6 +382,11 @@ class Dispatcher:
                 message.ref,
             )
             return
+        if not self._pay(
+            member, self.handler_costs.get(message.type, 1.0), message.ref, "sending too fast"
+        ):
+            return
+        sender = SENDER.set(member)
         try:
             result = await handler(member.session, message)
         except ErrorReply as exc:
@@ -300,5 +399,7 @@ class Dispatcher:
             if message.ref is not None:
                 answer_error(connection, message.ref, ErrorCode.INTERNAL, "internal error")
             raise
+        finally:
+            SENDER.reset(sender)
         if message.ref is not None:
-            answer(connection, message.ref, result)
+            self._charge(member, answer(connection, message.ref, result))

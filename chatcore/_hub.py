@@ -39,12 +39,14 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeAlias
 
+import attrs
 import trio
 
 from ._backplane import (
     Backplane,
     BackplaneEvent,
     BackplaneSink,
+    HistoryConfig,
     LocalBackplane,
     NodeDown,
     Reconnected,
@@ -52,7 +54,7 @@ from ._backplane import (
 )
 from ._config import Config
 from ._connection import Connection, ConnectionHandler
-from ._dispatch import Dispatcher, MessageHandler
+from ._dispatch import SENDER, Dispatcher, MessageHandler
 from ._hub_config import HubConfig, HubStatistics
 from ._presence_relay import PresenceRelay
 from ._rooms import Room, RoomRegistry, RoomStatistics
@@ -167,6 +169,10 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             max_rooms=cfg.max_rooms_per_connection,
             authorize_join=authorize_join,
             on_publish=on_publish,
+            costs=cfg.frame_costs,
+            max_rooms_here=cfg.max_rooms,
+            new_rooms_per_user=cfg.new_rooms_per_user,
+            new_room_window=cfg.new_room_window,
         )
         # Connections that closed as slow consumers.
         self._slow_consumer_disconnects = 0
@@ -188,8 +194,15 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
 
     # -- application API -------------------------------------------------------
 
-    def on(self, type: str) -> Callable[[MessageHandler], MessageHandler]:
+    def on(self, type: str, *, cost: float = 1.0) -> Callable[[MessageHandler], MessageHandler]:
         """Decorator: handle client messages of an application-defined ``type``.
+
+        Each such frame first pays ``cost`` tokens from the connection's frame
+        budget (:attr:`HubConfig.publish_rate` tokens per second, a publish
+        costs 1); without them it is answered ``rate_limited`` and the handler
+        does not run. The reply is charged too, by size
+        (:attr:`HubConfig.reply_bytes_per_token`). Declare more than 1 for
+        handlers that do more than a publish would.
 
         The handler runs in the connection's ``handle`` task (messages of one
         connection are handled in order). Its return value is sent as the ok
@@ -198,14 +211,22 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         1011. For long work (streaming a reply), start a task with
         :meth:`Session.start_soon`: it is cancelled if the connection closes.
 
+        Args:
+            type: The message type.
+            cost: Tokens one such frame costs (>= 0).
+
         Raises:
-            ValueError: ``type`` is built in (join, leave, publish, ping, pong).
+            ValueError: ``type`` is built in (join, leave, publish, ping, pong),
+                or ``cost`` is negative.
         """
         if type in ("join", "leave", "publish", "ping", "pong"):
             raise ValueError(f"{type!r} is a built-in message type")
+        if not cost >= 0:
+            raise ValueError(f"cost must be >= 0, got {cost!r}")
 
         def register(handler: MessageHandler) -> MessageHandler:
             self._dispatcher.handlers[type] = handler
+            self._dispatcher.handler_costs[type] = cost
             return handler
 
         return register
@@ -355,11 +376,24 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         one with the same key is replaced (latest wins). Reaches members on
         every node.
 
+        Called from a :meth:`on` handler (or a task it started), an ephemeral
+        broadcast is charged to that client's frame budget: one token per
+        :attr:`HubConfig.ephemeral_deliveries_per_token` members of the room
+        on this node, so one client's signals cannot fan out without bound.
+
         Raises:
             BackplaneError: the backplane is unavailable (this node's own
                 connections were already served; other nodes were not).
         """
         encoded = encode(message, delivery=delivery, key=key)
+        sender = SENDER.get()
+        if sender is not None and delivery is Delivery.EPHEMERAL:
+            here = self._registry.rooms.get(room)
+            if here is not None:
+                sender.budget.charge(
+                    len(here.members) / self.config.ephemeral_deliveries_per_token,
+                    trio.current_time(),
+                )
         await self.backplane.broadcast(room, encoded, exclude.id if exclude else None)
 
     async def send_to_user(
@@ -455,6 +489,8 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             coalesced=registry.coalesced,
             slow_consumer_disconnects=self._slow_consumer_disconnects,
             rejected_handshakes=self._admission.rejected,
+            rate_limited=self._dispatcher.rate_limited,
+            refused_rooms=self._dispatcher.refused_rooms,
         )
 
     # -- BackplaneSink ---------------------------------------------------------------
@@ -554,10 +590,22 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
 
 
 def _default_backplane() -> Backplane:
-    """Redis when ``CHATCORE_REDIS_URL`` is set, else in process."""
+    """Redis when ``CHATCORE_REDIS_URL`` is set, else in process.
+
+    In process, ``CHATCORE_HISTORY_BYTES`` (an integer) sets the history budget
+    and ``CHATCORE_HISTORY_MAX_AGE`` (seconds) how long messages are kept
+    (:class:`~chatcore.HistoryConfig` ``total_bytes`` and ``max_age``).
+    """
     url = os.environ.get("CHATCORE_REDIS_URL")
     if not url:
-        return LocalBackplane()
+        history = HistoryConfig()
+        budget = os.environ.get("CHATCORE_HISTORY_BYTES")
+        if budget:
+            history = attrs.evolve(history, total_bytes=int(budget))
+        max_age = os.environ.get("CHATCORE_HISTORY_MAX_AGE")
+        if max_age:
+            history = attrs.evolve(history, max_age=float(max_age))
+        return LocalBackplane(history)
     from .redis import RedisBackplane  # needs the ``chatcore[redis]`` extra
 
     return RedisBackplane(url)

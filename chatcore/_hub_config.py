@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
 
 import attrs
 
 from ._config import _positive, _positive_or_none
+from .sansio._budget import DEFAULT_FRAME_COSTS
 
 __all__ = ["HubConfig", "HubStatistics"]
 
@@ -15,6 +18,23 @@ def _origins(value: Iterable[str] | None) -> frozenset[str] | None:
     # A typed converter: with ``optional(frozenset)`` mypy cannot infer the
     # parameter type, and passing a set of origins fails type checking.
     return None if value is None else frozenset(value)
+
+
+def _costs(value: Mapping[str, float]) -> Mapping[str, float]:
+    # The defaults, overridden by what was given; read-only (the config is frozen).
+    return MappingProxyType({**DEFAULT_FRAME_COSTS, **value})
+
+
+def _non_negative_costs(instance: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
+    unknown = set(value) - set(DEFAULT_FRAME_COSTS)
+    if unknown:
+        raise ValueError(
+            f"HubConfig.frame_costs: {sorted(unknown)} are not built-in frame types "
+            "(application types declare their cost with Hub.on(type, cost=...))"
+        )
+    for kind, cost in value.items():
+        if not cost >= 0:
+            raise ValueError(f"HubConfig.frame_costs[{kind!r}] must be >= 0, got {cost!r}")
 
 
 @attrs.frozen
@@ -27,8 +47,16 @@ class HubConfig:
         max_connections_per_address: Per client address (429); ``None``: no limit
             (behind a proxy every client shares one address).
         max_connections: Connections of this hub (503 at the handshake); ``None``: no limit.
-        publish_rate: Publishes per second per connection (token bucket rate).
-        publish_burst: Token bucket capacity.
+        publish_rate: Tokens per second of each connection's frame budget
+            (a publish costs one: this is the sustained publish rate).
+        publish_burst: Capacity of the frame budget (tokens).
+        frame_costs: Tokens each built-in frame type costs (``publish``,
+            ``join``, ``leave``, ``ping``, ``pong``); the given entries override
+            the defaults (1, 1, 1, 0.5, 0.1). Application types cost what their
+            :meth:`Hub.on <chatcore.Hub.on>` declares (default 1).
+        reply_bytes_per_token: Bytes of an answer to a request (its reply
+            and replayed backlog) beyond which each as many bytes more cost the
+            connection one more token (the request's own cost covers the first).
         rate_limit_abuse: ``rate_limited`` answers within ``abuse_window`` after
             which the connection is closed with 1008.
         abuse_window: Seconds of the window for ``rate_limit_abuse``.
@@ -46,6 +74,16 @@ class HubConfig:
         reconnect_min_ms: Lower bound of the jittered ``reconnect_after_ms`` sent
             in ``shutdown`` during a drain.
         reconnect_max_ms: Upper bound of it (spreads the reconnect storm).
+        ephemeral_deliveries_per_token: Deliveries of an ephemeral broadcast
+            made on behalf of a client (``Hub.broadcast`` from its message
+            handler, e.g. a typing indicator) that cost it one more token: a
+            broadcast to a room of n members here costs n / this.
+        max_rooms: Rooms with members on this process (``at_capacity``);
+            ``None``: no limit.
+        new_rooms_per_user: Rooms a user may open (join while no one here is
+            in them) within ``new_room_window`` (``too_many_new_rooms``);
+            ``None``: no limit.
+        new_room_window: Seconds of that window.
     """
 
     max_rooms_per_connection: int = attrs.field(default=100, validator=_positive)
@@ -64,6 +102,14 @@ class HubConfig:
     presence_grace: float = attrs.field(default=5.0, validator=_positive)
     reconnect_min_ms: int = attrs.field(default=500, validator=_positive)
     reconnect_max_ms: int = attrs.field(default=5_000, validator=_positive)
+    frame_costs: Mapping[str, float] = attrs.field(
+        factory=dict, converter=_costs, validator=_non_negative_costs
+    )
+    reply_bytes_per_token: int = attrs.field(default=16_384, validator=_positive)
+    ephemeral_deliveries_per_token: int = attrs.field(default=100, validator=_positive)
+    max_rooms: int | None = attrs.field(default=50_000, validator=_positive_or_none)
+    new_rooms_per_user: int | None = attrs.field(default=30, validator=_positive_or_none)
+    new_room_window: float = attrs.field(default=60.0, validator=_positive)
 
     def __attrs_post_init__(self) -> None:
         if self.reconnect_min_ms > self.reconnect_max_ms:
@@ -85,6 +131,9 @@ class HubStatistics:
         slow_consumer_disconnects: Connections closed as slow consumers (4001:
             no progress while over budget, past the hard bound, or a stalled send).
         rejected_handshakes: Handshakes refused (401/403/429/503).
+        rate_limited: Frames refused for an empty frame budget (``rate_limited``).
+        refused_rooms: Joins refused by the process room cap or the per-user
+            new-room rate (``at_capacity``, ``too_many_new_rooms``).
     """
 
     connections: int
@@ -96,3 +145,5 @@ class HubStatistics:
     coalesced: int
     slow_consumer_disconnects: int
     rejected_handshakes: int
+    rate_limited: int = 0
+    refused_rooms: int = 0

@@ -16,7 +16,8 @@ import attrs
 from ._connection import Connection
 from ._exceptions import ChatcoreError
 from .sansio import CloseOutcome, OutboundMessage
-from .sansio._limits import TokenBucket, WindowCounter
+from .sansio._budget import FrameBudget
+from .sansio._limits import WindowCounter
 from .sansio._protocol import Ref, encode_error, encode_reply, encode_reply_error
 
 if TYPE_CHECKING:
@@ -61,12 +62,14 @@ class ErrorReply(ChatcoreError):
         self.message = message
 
 
-def answer(connection: Connection, ref: Ref | None, data: Any = None) -> None:
-    """Queue the ok ``reply`` to request ``ref``.
+def answer(connection: Connection, ref: Ref | None, data: Any = None) -> int:
+    """Queue the ok ``reply`` to request ``ref``; returns its size in bytes.
 
     Replies are durable: a client too slow to take its replies is a slow consumer.
     """
-    connection.offer(encode_reply(ref, data))
+    reply = encode_reply(ref, data)
+    connection.offer(reply)
+    return reply.nbytes
 
 
 def answer_error(connection: Connection, ref: Ref | None, code: str, message: str) -> None:
@@ -84,17 +87,22 @@ class Member:
     only through the room registry.
     """
 
-    __slots__ = ("abuse", "bad_frames", "bucket", "connection", "rooms", "session")
+    __slots__ = ("bad_frames", "budget", "connection", "rooms", "session")
 
     def __init__(self, connection: Connection, config: HubConfig, now: float) -> None:
         #: The connection.
         self.connection = connection
         #: Rooms it is a member of (by name); changed by the room registry only.
         self.rooms: dict[str, Room] = {}
-        #: Publish tokens.
-        self.bucket = TokenBucket(config.publish_rate, config.publish_burst, now)
-        #: ``rate_limited`` answers in the abuse window.
-        self.abuse = WindowCounter(config.rate_limit_abuse, config.abuse_window)
+        #: What its frames may cost (every frame type; answers by size).
+        self.budget = FrameBudget(
+            rate=config.publish_rate,
+            burst=config.publish_burst,
+            abuse_limit=config.rate_limit_abuse,
+            abuse_window=config.abuse_window,
+            reply_bytes_per_token=config.reply_bytes_per_token,
+            now=now,
+        )
         #: Bad frames in the bad-frame window.
         self.bad_frames = WindowCounter(config.bad_frame_limit, config.bad_frame_window)
         #: The public face (set by :class:`Session`'s constructor).

@@ -62,6 +62,7 @@ import trio_websocket
 
 from ._backplane import Position
 from ._exceptions import ChatcoreError, HandshakeRejected
+from .sansio._outbox import dumps
 from .testing._client import RequestFailed
 
 __all__ = [
@@ -611,7 +612,7 @@ class ChatClient:
     async def _send(
         self, ws: trio_websocket.WebSocketConnection, message: Mapping[str, Any]
     ) -> None:
-        text = json.dumps(message, separators=(",", ":"))
+        text = dumps(message)
         async with self._send_lock:
             await ws.send_message(text)
 

@@ -47,3 +47,35 @@ def test_profile_ranks_functions_by_own_samples(bench: dict[str, ModuleType]) ->
     assert top == [("send_all (trio/_socket.py)", 9, 0.9), ("main (chatcore/_hub.py)", 1, 0.1)]
     inclusive = bench["profile"].top_functions(raw, 1, cumulative=True)
     assert inclusive == [("main (chatcore/_hub.py)", 10, 1.0)]
+
+
+@pytest.fixture
+def abuse(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCH))
+    import abuse
+
+    return abuse
+
+
+@pytest.mark.slow
+def test_abuse_quick_hoarding_and_typing_stay_bounded(abuse: ModuleType) -> None:
+    # Real `chatcore serve examples.chat.app:app` processes, CHAT_SECRET set.
+    env = abuse.environment(quick=True)
+    [hoard_plan, typing_plan] = abuse.plan(["hoard", "typing"], quick=True)
+    hoard = abuse.run_attack(*hoard_plan, quick=True, timeout=60, env=env)
+    phases, outcome = hoard["phases"], hoard["outcome"]
+    assert outcome["codes"]["publish:ok"] > 0
+    assert outcome["closed"] == {}  # paced under the rate limit: never closed
+    # 18 MB of emoji offered; the history keeps at most the 16 MiB budget
+    # (generous: the allocator, buffers and the interpreter's own growth).
+    grown = phases["during"]["peak_rss_mb"] - phases["before"]["rss_mb"]
+    assert grown < abuse.QUICK_BUDGET / 2**20 + 40
+    assert phases["swept"]["rss_mb"] <= phases["after"]["rss_mb"] + 2
+    typing = abuse.run_attack(*typing_plan, quick=True, timeout=60, env=env)
+    assert typing["outcome"]["typer_closed"] == 1008
+    assert typing["outcome"]["sent"] <= 2_000
+    # Unbounded: 2,000 x 20 deliveries. The frame budget lets ~33 through.
+    assert typing["outcome"]["typing_delivered"] <= 40 * 20
+    for result in (hoard, typing):
+        for phase in result["phases"].values():
+            assert phase["pings"] > 0  # the bystander was served throughout

@@ -28,6 +28,8 @@ Error codes (``error.code``):
   ``test_on_publish_transforms_and_refuses``
 - ``rate_limited``: ``test_rate_limit_burst_then_refill``
 - ``too_many_rooms``: ``test_max_rooms_per_connection``
+- ``at_capacity``: ``test_abuse_hub.py::test_rooms_per_process_are_capped``
+- ``too_many_new_rooms``: ``test_abuse_hub.py::test_new_rooms_per_user_are_rate_limited``
 - ``internal``: ``test_app_handler_crash_answers_internal_and_closes_1011``
 
 Close codes (server-initiated):
@@ -698,16 +700,17 @@ async def test_not_joined_and_rate_limited_are_not_bad_frames(
         # Those publishes spent tokens too (every publish frame does); let the
         # bucket refill on virtual time.
         await trio.sleep(2.0)
-        await alice.join("r")
-        for _ in range(40):
+        await alice.join("r")  # a join costs a token too: 39 are left
+        for _ in range(39):
             await alice.publish("r", 1)
-        assert len(await drain_messages(alice)) == 40
+        assert len(await drain_messages(alice)) == 39
         for _ in range(30):
             assert (await alice.request("publish", room="r", data=1))["error"]["code"] == (
                 "rate_limited"
             )
         await alice.send_text("x")  # the 10th bad frame: still answered
         await alice.expect_error("bad_json")
+        await trio.sleep(1.0)  # a ping costs half a token
         await alice.ping()
         await alice.send_text("x")  # the 11th closes
         await alice.expect_closed(1008)
@@ -718,6 +721,7 @@ async def test_rate_limit_burst_then_refill(autojump_clock: trio.abc.Clock) -> N
     async with open_test_clients(hub, ["alice", "bob"]) as (alice, bob):
         await alice.join("r")
         await bob.join("r")
+        await trio.sleep(1.0)  # the join's token is back
         start = trio.current_time()
         for n in range(1, 41):  # the burst
             assert await alice.publish("r", n) == n
@@ -749,6 +753,7 @@ async def test_rate_limit_abuse_closes_1008(autojump_clock: trio.abc.Clock) -> N
     hub = make_hub()
     async with open_test_client(hub, user="alice") as alice:
         await alice.join("r")
+        await trio.sleep(1.0)  # the join's token is back
         for _ in range(40):
             await alice.publish("r", 0)
         start = trio.current_time()
@@ -764,7 +769,9 @@ async def test_rate_limit_abuse_closes_1008(autojump_clock: trio.abc.Clock) -> N
 async def test_rate_limit_answers_spread_over_the_window_do_not_close(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    hub = make_hub(config=HubConfig(publish_rate=0.001, publish_burst=1))
+    # Joins and pings free here: only the publishes draw on the one token.
+    config = HubConfig(publish_rate=0.001, publish_burst=1, frame_costs={"join": 0, "ping": 0})
+    hub = make_hub(config=config)
     async with open_test_client(hub, user="alice") as alice:
         await alice.join("r")
         await alice.publish("r", 0)

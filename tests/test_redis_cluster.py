@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from chatcore.redis import RedisClusterBackplane
     from tests.redis_cluster import RedisCluster
 
-pytest_plugins = ("tests.redis_cluster",)
+pytest_plugins = ("tests.redis_server", "tests.redis_cluster")
 
 pytestmark = pytest.mark.slow
 

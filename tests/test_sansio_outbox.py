@@ -48,13 +48,27 @@ def test_encode_passes_delivery_and_key() -> None:
     "data",
     ["line one\nline two", "sep\u2028para\u2029end", "crlf\r\n", "émoji 🎉 ünï", "\x00\x1f"],
 )
-def test_encode_is_one_ascii_line(data: str) -> None:
+def test_encode_is_one_utf8_line(data: str) -> None:
     m = encode({"type": "message", "data": data})
-    assert m.text.isascii()
-    assert m.nbytes == len(m.text) == len(m.text.encode("utf-8"))
-    for forbidden in ("\n", "\r", "\u2028", "\u2029"):
+    assert m.nbytes == len(m.text.encode("utf-8"))
+    for forbidden in ("\n", "\r", "\u2028", "\u2029", "\u0085"):
         assert forbidden not in m.text
     assert json.loads(m.text) == {"type": "message", "data": data}
+
+
+def test_encode_sends_characters_beyond_ascii_as_utf8() -> None:
+    m = encode({"type": "message", "data": "émoji 🎉"})
+    assert "🎉" in m.text
+    assert "\\u" not in m.text
+    assert m.nbytes == len(m.text.encode("utf-8")) == len(m.text) + 4
+
+
+def test_encode_escapes_a_lone_surrogate_as_ascii_json() -> None:
+    # Not encodable as UTF-8: the text falls back to JSON's ASCII escapes.
+    m = encode({"type": "message", "data": "a\ud800 🎉"})
+    assert m.text.isascii()
+    assert "\\ud800" in m.text
+    assert json.loads(m.text)["data"] == "a\ud800 🎉"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -79,11 +93,10 @@ def test_encode_rejects_unserialisable_values() -> None:
         max_leaves=20,
     )
 )
-def test_encode_round_trips_any_json_on_one_ascii_line(data: object) -> None:
+def test_encode_round_trips_any_json_on_one_utf8_line(data: object) -> None:
     m = encode({"type": "message", "data": data})
-    assert m.text.isascii()
     assert "\n" not in m.text
-    assert m.nbytes == len(m.text)
+    assert m.nbytes == len(m.text.encode("utf-8"))
     assert json.loads(m.text) == {"type": "message", "data": data}
 
 

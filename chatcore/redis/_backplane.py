@@ -42,6 +42,7 @@ from ..sansio import (
     decode_node_event,
     encode_node_event,
 )
+from ..sansio._protocol import text_message
 from ._records import (
     ACK_KINDS,
     BURST,
@@ -88,10 +89,12 @@ class RedisBackplane(Backplane):
             ``wait_replicas``, ``wait_timeout`` and ``wait_aof`` set the
             arguments of the same names (see ``docs/scale-out.md``).
         history: How much of each room's order is kept for recovery:
-            ``max_messages`` caps the stream (approximately: Redis trims whole
-            blocks, so a little more may be kept), ``max_age`` expires the
-            stream of an idle room and bounds replay, ``max_bytes`` bounds one
-            replay. ``rooms`` does not apply (Redis holds every room).
+            ``max_messages`` caps the stream (approximately: up to 64 more
+            may be kept between trims), ``max_bytes`` caps the bytes of its
+            messages (exactly) and bounds one replay, ``max_age`` expires the
+            stream of an idle room and bounds replay. ``rooms`` and
+            ``total_bytes`` do not apply (Redis holds every room: size Redis's
+            ``maxmemory`` for rooms active within ``max_age``).
         node_id: This node's id, unique across the deployment (default: a
             random one).
         prefix: Prefix of every Redis key and channel (deployments sharing one
@@ -379,6 +382,7 @@ class RedisBackplane(Backplane):
             self._channel(room).decode(),
             self._log_ttl_ms,
             self._meta_ttl_ms,
+            str(self.history.max_bytes or 0),
         )
         if nonce is not None and "\n" in nonce:
             raise ValueError("a publish nonce cannot contain a newline")
@@ -468,11 +472,12 @@ class RedisBackplane(Backplane):
             for offset, at_ms, text in parse_entries(raw_entries):
                 if offset != expected or (oldest_ms is not None and at_ms < oldest_ms):
                     return None
+                message = text_message(text)
                 if budget is not None:
-                    budget -= len(text)
+                    budget -= message.nbytes
                     if budget < 0:
                         return None
-                result.append(Sequenced(room, epoch, offset, OutboundMessage(text, len(text))))
+                result.append(Sequenced(room, epoch, offset, message))
                 expected += 1
             return result
         raise BackplaneError("Redis is unavailable: cannot replay the room")
@@ -535,7 +540,7 @@ class RedisBackplane(Backplane):
                 None if self.history.max_age is None else now_ms - self.history.max_age * 1000
             )
             result = [
-                Sequenced(room, epoch, offset, OutboundMessage(text, len(text)))
+                Sequenced(room, epoch, offset, text_message(text))
                 for offset, at_ms, text in parse_entries(as_list(reply[2]))
                 if oldest_ms is None or at_ms >= oldest_ms
             ]
@@ -731,7 +736,7 @@ class RedisBackplane(Backplane):
         else:
             self._duplicates += 1
         self._delivered += 1
-        self._emit(Sequenced(room, epoch, offset, OutboundMessage(text, len(text)), nonce))
+        self._emit(Sequenced(room, epoch, offset, text_message(text), nonce))
 
     # -- incoming ---------------------------------------------------------
 

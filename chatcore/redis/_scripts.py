@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Final
+
+from ..sansio._outbox import dumps
 
 __all__ = [
     "JSON",
@@ -15,13 +16,24 @@ __all__ = [
     "SCRIPTS",
 ]
 
+
+class _WireJSON:
+    """Encodes with :func:`chatcore.sansio._outbox.dumps` (``JSON.encode(value)``)."""
+
+    encode = staticmethod(dumps)
+
+
 # One JSON encoder with exactly the options of chatcore.sansio.encode, so every
 # fragment the script concatenates is byte-identical to encode_message's.
-JSON: Final = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+JSON: Final = _WireJSON()
 
 #: Sequence, store and publish one room message (Rule 1).
 #: KEYS: meta, log. ARGV: fresh epoch, room JSON, sender JSON, data JSON,
-#: nonce, max messages, channel, log TTL ms (0: none), meta TTL ms (0: none).
+#: nonce, max messages, channel, log TTL ms (0: none), meta TTL ms (0: none),
+#: max bytes (0 or absent: none).
+#: The stream is trimmed from its old end by count (up to 64 more may
+#: be kept, as ``MAXLEN ~`` would) and by the bytes of its texts, counted in
+#: the meta hash's ``b`` (reset whenever the stream starts anew).
 PUBLISH_LUA: Final = r"""
 local meta, log = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
@@ -36,7 +48,30 @@ local text = '{"type":"message","room":' .. ARGV[2] .. ',"offset":' .. o ..
   ',"epoch":"' .. epoch .. '","from":' .. ARGV[3] .. ',"data":' .. ARGV[4] .. '}'
 local now = redis.call('TIME')
 local ms = string.format('%d', now[1] * 1000 + math.floor(now[2] / 1000))
-redis.call('XADD', log, 'MAXLEN', '~', ARGV[6], o .. '-0', 't', ms, 'm', text)
+if redis.call('EXISTS', log) == 0 then redis.call('HSET', meta, 'b', 0) end
+redis.call('XADD', log, o .. '-0', 't', ms, 'm', text)
+local held = redis.call('HINCRBY', meta, 'b', #text)
+local max_n, max_b = tonumber(ARGV[6]), tonumber(ARGV[10] or '0')
+local excess = redis.call('XLEN', log) - max_n
+if excess > 64 or (max_b > 0 and held > max_b) then
+  local keep, start = nil, '-'
+  while not keep do
+    local batch = redis.call('XRANGE', log, start, '+', 'COUNT', 64)
+    if #batch == 0 then break end
+    for _, entry in ipairs(batch) do
+      if excess <= 0 and (max_b == 0 or held <= max_b) then keep = entry[1]; break end
+      held = held - #entry[2][4]
+      excess = excess - 1
+      start = '(' .. entry[1]
+    end
+  end
+  if keep then
+    redis.call('XTRIM', log, 'MINID', keep)
+  else
+    redis.call('XTRIM', log, 'MAXLEN', 0)
+  end
+  redis.call('HSET', meta, 'b', held)
+end
 if ARGV[8] ~= '0' then redis.call('PEXPIRE', log, ARGV[8]) end
 if ARGV[9] ~= '0' then redis.call('PEXPIRE', meta, ARGV[9]) end
 redis.call('PUBLISH', ARGV[7], o .. '\n' .. epoch .. '\n' .. ARGV[5] .. '\n' .. text)

@@ -67,6 +67,7 @@ sent twice).
 from __future__ import annotations
 
 import enum
+import sys
 from collections import deque
 from itertools import islice
 
@@ -75,7 +76,50 @@ import attrs
 from ._errors import LocalProtocolError
 from ._outbox import Delivery, OutboundMessage
 
-__all__ = ["History", "HistoryEntry", "Recovery", "RecoveryStatus"]
+__all__ = ["History", "HistoryBudget", "HistoryEntry", "Recovery", "RecoveryStatus"]
+
+#: Bytes one held entry costs besides its text: the entry, its slot in the
+#: ring and the message object (measured on CPython 3.11, rounded up).
+ENTRY_OVERHEAD = 200
+
+
+def held_size(message: OutboundMessage) -> int:
+    """The memory one held message costs, as :class:`HistoryBudget` counts it.
+
+    The size of the text *object*, not its UTF-8 bytes: CPython stores a
+    string in 1, 2 or 4 bytes per character, whichever its widest character
+    needs, so one emoji in 64 KiB of ASCII makes the text 256 KiB in memory.
+    """
+    return sys.getsizeof(message.text) + ENTRY_OVERHEAD
+
+
+class HistoryBudget:
+    """The memory many :class:`History` objects hold together (one per process).
+
+    Each history given this budget adds :func:`held_size` of every entry it
+    holds to :attr:`held` and subtracts it when the entry goes. The budget
+    does not evict anything itself: its owner checks :attr:`over` after an
+    append and chooses what to drop (rooms without members first).
+
+    Args:
+        limit: The most bytes the histories should hold together; ``None``: no limit.
+    """
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        #: The bound in bytes (``None``: none).
+        self.limit = limit
+        #: Bytes held now by every history on this budget.
+        self.held = 0
+
+    def __repr__(self) -> str:
+        return f"<HistoryBudget held={self.held} limit={self.limit}>"
+
+    @property
+    def over(self) -> bool:
+        """True while the histories hold more than :attr:`limit`."""
+        return self.limit is not None and self.held > self.limit
 
 
 @attrs.frozen(slots=True)
@@ -166,13 +210,14 @@ class History:
             entry larger than this on its own is not held at all.
         last_offset: The room's last offset when this history starts (0 for a
             new room); offsets up to it are not held.
+        budget: A process-wide :class:`HistoryBudget` to count held memory in.
 
     Raises:
         ValueError: on a negative bound or offset, or a ``max_age`` that is not
             > 0.
     """
 
-    __slots__ = ("_entries", "_last", "max_age", "max_bytes", "max_messages", "nbytes")
+    __slots__ = ("_budget", "_entries", "_last", "max_age", "max_bytes", "max_messages", "nbytes")
 
     def __init__(
         self,
@@ -181,6 +226,7 @@ class History:
         max_bytes: int | None = None,
         *,
         last_offset: int = 0,
+        budget: HistoryBudget | None = None,
     ) -> None:
         if max_messages < 0:
             raise ValueError(f"max_messages must be >= 0, got {max_messages!r}")
@@ -203,6 +249,8 @@ class History:
         self._entries: deque[HistoryEntry] = deque()
         # The last offset appended (or given at construction); survives trimming.
         self._last = last_offset
+        # Where held memory is counted across rooms (None: nowhere).
+        self._budget = budget
 
     def __len__(self) -> int:
         """Entries held now (as of the last call that trimmed)."""
@@ -263,13 +311,21 @@ class History:
         entries.append(entry)
         self._last = offset
         self.nbytes += message.nbytes
+        if self._budget is not None:
+            self._budget.held += held_size(message)
         max_bytes = self.max_bytes
         while entries and (
             len(entries) > self.max_messages or (max_bytes is not None and self.nbytes > max_bytes)
         ):
-            self.nbytes -= entries.popleft().message.nbytes
+            self._drop_oldest()
         self.trim(now)
         return entry
+
+    def _drop_oldest(self) -> None:
+        message = self._entries.popleft().message
+        self.nbytes -= message.nbytes
+        if self._budget is not None:
+            self._budget.held -= held_size(message)
 
     def trim(self, now: float) -> int:
         """Drop the entries older than ``max_age`` at ``now``.
@@ -285,7 +341,7 @@ class History:
             return 0
         dropped = 0
         while entries and entries[0].at + max_age < now:
-            self.nbytes -= entries.popleft().message.nbytes
+            self._drop_oldest()
             dropped += 1
         return dropped
 
@@ -339,6 +395,8 @@ class History:
             How many entries were dropped.
         """
         n = len(self._entries)
+        if self._budget is not None:
+            self._budget.held -= sum(held_size(entry.message) for entry in self._entries)
         self._entries.clear()
         self.nbytes = 0
         return n

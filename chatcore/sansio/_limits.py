@@ -16,7 +16,9 @@ _SLACK = 1e-6
 class TokenBucket:
     """A token bucket: ``rate`` tokens per second, holding at most ``burst``.
 
-    Starts full. :meth:`take` spends one token if there is one.
+    Starts full. :meth:`take` spends ``cost`` tokens (one by default) if there
+    are that many; :meth:`charge` spends them regardless, so the balance can
+    go below zero (a debt the refill pays back before the next :meth:`take`).
     """
 
     __slots__ = ("_stamp", "_tokens", "burst", "rate")
@@ -32,16 +34,29 @@ class TokenBucket:
         self._tokens = float(burst)
         self._stamp = now
 
-    def take(self, now: float) -> bool:
-        """Spend one token at time ``now``; False if the bucket is empty."""
+    def take(self, now: float, cost: float = 1.0) -> bool:
+        """Spend ``cost`` tokens at time ``now``; False (nothing spent) if fewer are left."""
+        self._refill(now)
+        if self._tokens >= cost - _SLACK:
+            self._tokens -= cost
+            return True
+        return False
+
+    def charge(self, now: float, cost: float) -> None:
+        """Spend ``cost`` tokens at time ``now`` even if the balance goes below zero."""
+        self._refill(now)
+        self._tokens -= cost
+
+    def tokens(self, now: float) -> float:
+        """The balance at time ``now`` (negative while a debt is being paid back)."""
+        self._refill(now)
+        return self._tokens
+
+    def _refill(self, now: float) -> None:
         elapsed = now - self._stamp
         if elapsed > 0:
             self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
             self._stamp = now
-        if self._tokens >= 1 - _SLACK:
-            self._tokens -= 1
-            return True
-        return False
 
 
 class WindowCounter:
@@ -73,6 +88,13 @@ class WindowCounter:
         if stamps is None:
             stamps = self._stamps = deque(maxlen=self.limit + 1)
         stamps.append(now)
+        return self.count(now) > self.limit
+
+    def count(self, now: float) -> int:
+        """How many recorded events fall in the window ending at ``now`` (at most ``limit + 1``)."""
+        stamps = self._stamps
+        if stamps is None:
+            return 0
         while stamps and stamps[0] <= now - self.window:
             stamps.popleft()
-        return len(stamps) > self.limit
+        return len(stamps)

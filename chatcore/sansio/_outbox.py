@@ -39,7 +39,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Delivery", "OutboundMessage", "Outbox", "PushResult", "QueueTotal", "encode"]
+__all__ = ["Delivery", "OutboundMessage", "Outbox", "PushResult", "QueueTotal", "dumps", "encode"]
 
 
 class Delivery(enum.Enum):
@@ -73,22 +73,49 @@ class OutboundMessage:
     key: str | None = None
 
 
+# Line and paragraph separators that some line splitters (str.splitlines, old
+# JavaScript eval) take as line breaks: escaped, so a message is one line for all.
+_SEPARATORS = {0x2028: "\\u2028", 0x2029: "\\u2029", 0x85: "\\u0085"}
+
+
+def dumps(value: Any) -> str:
+    """``value`` as compact JSON text for the wire (UTF-8, one line).
+
+    Characters beyond ASCII are kept as they are (an emoji is 4 bytes on the
+    wire, not a 12-byte escaped surrogate pair); control characters and the
+    Unicode line separators are escaped, so no line break can appear inside.
+    A string with a lone surrogate cannot be encoded as UTF-8: then the whole
+    text is ASCII with escapes, as JSON allows.
+
+    Raises:
+        TypeError, ValueError: if ``value`` is not JSON-serialisable.
+    """
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if text.isascii():  # O(1) in CPython: the common case costs nothing more
+        return text
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    if "\u2028" in text or "\u2029" in text or "\x85" in text:
+        text = text.translate(_SEPARATORS)
+    return text
+
+
 def encode(
     message: Mapping[str, Any],
     *,
     delivery: Delivery = Delivery.DURABLE,
     key: str | None = None,
 ) -> OutboundMessage:
-    """Encode a protocol message as one line of compact JSON.
-
-    ``ensure_ascii`` keeps the text pure ASCII, so its byte size is its length
-    and no raw newline (nor U+2028) can appear inside a message.
+    """Encode a protocol message as one line of compact JSON (see :func:`dumps`).
 
     Raises:
         TypeError, ValueError: if the message is not JSON-serialisable.
     """
-    text = json.dumps(message, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    return OutboundMessage(text, len(text), delivery, key)
+    text = dumps(message)
+    nbytes = len(text) if text.isascii() else len(text.encode())
+    return OutboundMessage(text, nbytes, delivery, key)
 
 
 class PushResult(enum.Enum):

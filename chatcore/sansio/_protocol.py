@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from typing import Any
 
 import attrs
@@ -46,6 +47,7 @@ __all__ = [
     "encode_reply_error",
     "encode_shutdown",
     "parse_client_message",
+    "text_message",
     "valid_room",
     "valid_user",
 ]
@@ -89,6 +91,8 @@ class ErrorCode:
     TOO_MANY_ROOMS = "too_many_rooms"
     INTERNAL = "internal"
     UNAVAILABLE = "unavailable"
+    AT_CAPACITY = "at_capacity"
+    TOO_MANY_NEW_ROOMS = "too_many_new_rooms"
 
     #: The codes that count toward the bad-frame limit (then close 1008).
     COUNTED = frozenset({BAD_JSON, BAD_MESSAGE, UNKNOWN_TYPE})
@@ -201,8 +205,44 @@ def _finite_float(literal: str) -> float:
     return value
 
 
+class _TooManyDigits(ValueError):
+    """An integer longer than the interpreter converts (``sys.get_int_max_str_digits``)."""
+
+
+def _bounded_int(literal: str) -> int:
+    try:
+        return int(literal)
+    except ValueError:  # a JSON integer literal fails only on the digit limit
+        raise _TooManyDigits(literal) from None
+
+
 # Built once: ``json.loads`` with hooks would build a decoder per call.
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_DECODER = json.JSONDecoder(
+    parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int
+)
+
+# A ``\uD800``-``\uDFFF`` escape in the raw text: only then can the decoded
+# value hold a lone surrogate (a raw one cannot survive UTF-8 decoding).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True if a string (or key) anywhere in ``value`` holds a lone surrogate."""
+    # A valid escaped pair decodes to one character beyond U+FFFF, so any
+    # surrogate left in a decoded string is a lone one.
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def _too_deep(value: Any) -> bool:
@@ -228,13 +268,21 @@ def parse_client_message(text: str) -> ClientMessage | BadFrame:
     :class:`BadFrame`.
 
     ``NaN``, ``Infinity`` and numbers too large for a float are not JSON that
-    the server could encode again, so they are ``bad_json``; nesting deeper
-    than :data:`MAX_NESTING` is ``bad_message``.
+    the server could encode again, so they are ``bad_json``, and so are
+    integers longer than the interpreter converts (4,300 digits by default);
+    nesting deeper than :data:`MAX_NESTING` and strings with a lone surrogate
+    (``"\\ud800"``: not encodable as UTF-8, so not sendable to anyone) are
+    ``bad_message``.
     """
     try:
         obj = _DECODER.decode(text)
     except _NotFinite:
         return BadFrame(ErrorCode.BAD_JSON, "NaN, Infinity and out-of-range numbers are not JSON")
+    except _TooManyDigits:
+        return BadFrame(
+            ErrorCode.BAD_JSON,
+            f"integers of more than {sys.get_int_max_str_digits()} digits are not accepted",
+        )
     except ValueError:
         return BadFrame(ErrorCode.BAD_JSON, "frame is not valid JSON")
     except RecursionError:
@@ -249,6 +297,10 @@ def parse_client_message(text: str) -> ClientMessage | BadFrame:
     if not isinstance(obj, dict):
         return BadFrame(ErrorCode.BAD_MESSAGE, "a message must be a JSON object")
     ref_ok, ref = _ref(obj)
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(obj):
+        if isinstance(ref, str) and _SURROGATE.search(ref):
+            ref = None  # it could not be echoed back
+        return BadFrame(ErrorCode.BAD_MESSAGE, "a string holds a lone surrogate (not UTF-8)", ref)
     kind = obj.get("type")
     if not isinstance(kind, str) or not kind:
         return BadFrame(ErrorCode.BAD_MESSAGE, "missing or invalid 'type'", ref)
@@ -291,6 +343,11 @@ def parse_client_message(text: str) -> ClientMessage | BadFrame:
 
 
 # -- server -> client ---------------------------------------------------------
+
+
+def text_message(text: str) -> OutboundMessage:
+    """A durable message from already encoded JSON ``text`` (its UTF-8 size counted)."""
+    return OutboundMessage(text, len(text) if text.isascii() else len(text.encode()))
 
 
 def encode_hello(

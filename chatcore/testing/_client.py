@@ -53,6 +53,7 @@ from .._connection import Connection, ConnectionHandler, serve_connection
 from .._exceptions import ChatcoreError, PeerGone, RemoteProtocolError
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest
+from ..sansio._outbox import dumps
 from ..transports._memory import BinaryFrame, CloseFrame, memory_stream_pair
 from ._peers import Frame, MemoryPeer, WebSocketPeer
 
@@ -268,7 +269,7 @@ class TestClient:
                 take the frame within :attr:`timeout` (it stopped reading).
             TypeError, ValueError: ``message`` is not JSON-serialisable.
         """
-        await self.send_text(json.dumps(message, separators=(",", ":")))
+        await self.send_text(dumps(message))
 
     async def send_text(self, text: str) -> None:
         """Send a raw text frame (e.g. invalid JSON, to test ``bad_json``).
