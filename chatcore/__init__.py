@@ -32,6 +32,8 @@ from ._exceptions import RemoteProtocolError as RemoteProtocolError
 from ._hub import Hub as Hub
 from ._hub import HubConfig as HubConfig
 from ._hub import HubStatistics as HubStatistics
+from ._logs import JSONFormatter as JSONFormatter
+from ._logs import configure_logging as configure_logging
 from ._rooms import Room as Room
 from ._rooms import RoomStatistics as RoomStatistics
 from ._server import HandlerHealth as HandlerHealth
@@ -81,6 +83,7 @@ __all__ = [
     "HubConfig",
     "HubStatistics",
     "Identity",
+    "JSONFormatter",
     "LocalBackplane",
     "LocalProtocolError",
     "MessageStream",
@@ -100,6 +103,7 @@ __all__ = [
     "Sequenced",
     "ServedHandler",
     "Session",
+    "configure_logging",
     "encode",
     "serve_connection",
     "serve_websocket",

@@ -13,15 +13,17 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 
 import attrs
 
-from . import __version__, _serve
+from . import __version__, _logs, _serve
 from ._backplane import Backplane, LocalBackplane
 from ._connection import ConnectionHandler
 from .asgi import ASGIApp
+from .metrics import missing_reason as metrics_missing_reason
 
 logger = logging.getLogger("chatcore.cli")
 
@@ -175,6 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
         "see docs/performance.md)",
     )
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    serve.add_argument(
+        "--log-format",
+        choices=_logs.LOG_FORMATS,
+        default="text",
+        help="log lines as plain text or one JSON object each (default text; "
+        "see docs/observability.md)",
+    )
+    serve.add_argument(
+        "--metrics-path",
+        metavar="PATH",
+        help="where Prometheus metrics are served on the server's port (default /metrics; "
+        "'none' to switch off; needs the chatcore[metrics] extra; off there with --workers)",
+    )
+    serve.add_argument(
+        "--metrics-bind",
+        type=_parse_bind,
+        metavar="HOST:PORT",
+        help="also serve metrics on their own port; worker N of --workers uses PORT+N "
+        "(port 0: each picks one and logs it)",
+    )
     serve.add_argument("--worker-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
@@ -247,7 +269,14 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         *(["--unready-when-degraded"] if args.unready_when_degraded else []),
         "--log-level",
         args.log_level,
+        "--log-format",
+        args.log_format,
+        "--metrics-path",
+        "none" if args.workers > 1 else (args.metrics_path or "/metrics"),
     ]
+    if args.metrics_bind is not None:
+        host, port = args.metrics_bind
+        argv += ["--metrics-bind", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     return argv
 
 
@@ -280,6 +309,21 @@ def _redis_extra_missing() -> str | None:
     return None
 
 
+def _metrics_socket(args: argparse.Namespace) -> socket.socket | None:
+    """The socket of ``--metrics-bind`` (worker N: port + N), or None."""
+    if args.metrics_bind is None:
+        return None
+    if (missing := metrics_missing_reason()) is not None:
+        raise SystemExit(f"chatcore: --metrics-bind needs the metrics extra: {missing}")
+    host, port = args.metrics_bind
+    if port:
+        port += int(os.environ.get("CHATCORE_WORKER_INDEX", "0"))
+    try:
+        return _serve.create_listening_socket(host, port, tcp_user_timeout=None)
+    except OSError as exc:
+        raise SystemExit(f"chatcore: cannot listen for metrics on {host}:{port}: {exc}") from None
+
+
 def _serve_command(args: argparse.Namespace) -> int:
     if args.worker_fd is None:
         # Importing the target can take a while; a SIGTERM meanwhile (a deploy
@@ -305,6 +349,8 @@ def _serve_command(args: argparse.Namespace) -> int:
     )
     if args.unready_when_degraded:
         app.unready_when_degraded = True
+    if args.metrics_path is not None:
+        app.metrics_path = None if args.metrics_path.lower() == "none" else args.metrics_path
     try:
         _serve.set_compression(args.compression, max_message_bytes=app.config.max_message_bytes)
     except RuntimeError as exc:
@@ -318,6 +364,7 @@ def _serve_command(args: argparse.Namespace) -> int:
             access_log=args.access_log,
             worker=True,
             gc_tuning=args.gc_tuning,
+            metrics_socket=_metrics_socket(args),
         )
     binds = args.bind or [("127.0.0.1", 8000)]
     if args.workers > 1 and len(binds) > 1:
@@ -344,6 +391,7 @@ def _serve_command(args: argparse.Namespace) -> int:
             drain_grace=args.drain_grace,
             access_log=args.access_log,
             gc_tuning=args.gc_tuning,
+            metrics_socket=_metrics_socket(args),
         )
     # A handler with a shared backplane (a hub on Redis) spans the workers.
     backplane = getattr(app.handler, "backplane", None)
@@ -360,6 +408,11 @@ def _serve_command(args: argparse.Namespace) -> int:
             "other's messages)",
             args.workers,
         )
+    if args.metrics_bind is None and app.metrics_path is not None:
+        logger.warning(
+            "with --workers, metrics are not served on the shared port (a scrape would "
+            "reach one worker at random); use --metrics-bind HOST:PORT (worker N on PORT+N)"
+        )
     for url in (_serve.websocket_url(sock, app.path) for sock in sockets):
         print(f"chatcore: serving on {url}", flush=True)
     return _serve.run_workers(_worker_argv(args), sockets[0], args.workers)
@@ -375,10 +428,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         SystemExit: bad arguments or an unusable target (with a message).
     """
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        _logs.configure_logging(
+            getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text")
+        )
+    except ValueError as exc:
+        raise SystemExit(f"chatcore: {exc}") from None
     if args.command == "serve":
         return _serve_command(args)
     if args.command == "new":

@@ -47,6 +47,7 @@ from typing import Any
 import attrs
 import trio
 
+from . import _observe
 from ._config import Config
 from ._exceptions import ConnectionClosed, OutboxFull, PeerGone, RemoteProtocolError
 from ._pacer import Beat, pacer
@@ -991,4 +992,9 @@ async def serve_connection(
     config = config or handler.connection_config or Config()
     connection = Connection(transport, config, connection_id or secrets.token_hex(6))
     task_status.started(connection)
-    await connection._run(handler)
+    # The close log, metrics, tracing (chatcore._observe): per connection, not per message.
+    started, handler = _observe.connection_started(connection, handler)
+    try:
+        await connection._run(handler)
+    finally:
+        _observe.connection_ended(connection, started)

@@ -38,6 +38,7 @@ from typing import Any, TypeAlias
 
 import trio
 
+from . import _observe
 from ._backplane import Backplane, BackplaneError
 from ._connection import Connection
 from ._presence_relay import PresenceRelay
@@ -218,6 +219,7 @@ class Dispatcher:
     async def _join(self, member: Member, message: Join) -> None:
         name = message.room
         connection = member.connection
+        began = _observe.publish_began()  # None unless tracing observes joins
         if name in member.rooms:
             self._answer_member(member, message)
             return
@@ -274,6 +276,8 @@ class Dispatcher:
             nbytes += item.message.nbytes
         self._charge(member, nbytes)
         self.presence.joined(member, room, backlog)
+        if began is not None:
+            _observe.join_done(began, connection, name, recovered, len(replay))
 
     async def join_from_server(self, member: Member, name: str) -> bool:
         """Make ``member`` a member of room ``name`` (``Hub.join``); False if it closed meanwhile.
@@ -338,6 +342,7 @@ class Dispatcher:
         # Paid for already, joined or not: a client cannot flood with publishes
         # to rooms it is not in.
         connection = member.connection
+        began = _observe.publish_began()  # None unless metrics/tracing observe publishes
         room = member.rooms.get(message.room)
         if room is None:
             answer_error(
@@ -362,10 +367,14 @@ class Dispatcher:
             answer_error(
                 connection, message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later"
             )
+            if began is not None:
+                _observe.publish_acked(began, connection, room.name, False)
             return
         finally:
             waiting = self.registry.publish_done(nonce)
         self.published += 1
+        if began is not None:
+            _observe.publish_acked(began, connection, room.name, True)
         if waiting:
             # Sequenced, but not delivered here yet (a gap is being filled): the
             # publisher learns its offset now; the message follows.

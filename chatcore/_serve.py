@@ -70,6 +70,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from ._logs import AccessLog
 from ._wire_guard import answer_protocol_errors, install_deflate
 from .asgi import ASGIApp
 
@@ -185,7 +186,9 @@ def set_compression(enabled: bool, *, max_message_bytes: int = 65_536) -> None:
 def hypercorn_config(app: ASGIApp, *, access_log: bool = True) -> HypercornConfig:
     """The hypercorn configuration ``chatcore serve`` uses (without binds).
 
-    Logs go through :mod:`logging` (``hypercorn.access``, ``hypercorn.error``).
+    Logs go through :mod:`logging`: requests to ``chatcore.access``, one
+    escaped line each (:class:`chatcore._logs.AccessLog`), errors to
+    ``hypercorn.error``.
     hypercorn's own per-message limit is set to twice chatcore's, so chatcore
     itself answers oversize messages with 1009 and records why; only a
     message beyond that is cut off by hypercorn (also with 1009). hypercorn
@@ -194,6 +197,8 @@ def hypercorn_config(app: ASGIApp, *, access_log: bool = True) -> HypercornConfi
     """
     config = HypercornConfig()
     config.accesslog = logging.getLogger("hypercorn.access") if access_log else None
+    # chatcore's access log: one escaped line per request (chatcore._logs).
+    config.logger_class = AccessLog
     config.errorlog = logging.getLogger("hypercorn.error")
     config.graceful_timeout = SHUTDOWN_GRACE
     config.websocket_max_message_size = 2 * app.config.max_message_bytes
@@ -366,8 +371,13 @@ def run_workers(argv: Sequence[str], sock: socket.socket, workers: int) -> int:
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         processes = [
-            subprocess.Popen([*argv, "--worker-fd", str(fd)], pass_fds=(fd,))
-            for _ in range(workers)
+            subprocess.Popen(
+                [*argv, "--worker-fd", str(fd)],
+                pass_fds=(fd,),
+                # Which worker it is (e.g. its metrics port: --metrics-bind).
+                env={**os.environ, "CHATCORE_WORKER_INDEX": str(index)},
+            )
+            for index in range(workers)
         ]
     finally:
         # From here on the supervisor takes SIGTERM (``early`` until its loop
@@ -456,6 +466,7 @@ def run_until_shutdown(
     access_log: bool = True,
     worker: bool = False,
     gc_tuning: bool = True,
+    metrics_socket: socket.socket | None = None,
 ) -> int:
     """Run :func:`serve` in a fresh trio loop: the body of ``chatcore serve``.
 
@@ -468,6 +479,9 @@ def run_until_shutdown(
     and raises the first-generation threshold: with thousands of connections
     the collector otherwise takes about half of the server's CPU
     (docs/performance.md).
+
+    With ``metrics_socket``, Prometheus metrics are also served there
+    (plain HTTP, see :func:`chatcore.metrics.serve_metrics_listener`).
 
     Returns:
         0 after a graceful shutdown.
@@ -491,6 +505,8 @@ def run_until_shutdown(
             )
             if gc_tuning:
                 tune_gc()
+            if metrics_socket is not None:
+                await nursery.start(_serve_metrics_port, app, metrics_socket, server)
             if worker:
                 logger.info("worker %d serving %s", os.getpid(), " ".join(server.urls))
                 return
@@ -501,3 +517,23 @@ def run_until_shutdown(
 
     trio.run(main)
     return 0
+
+
+async def _serve_metrics_port(
+    app: ASGIApp,
+    sock: socket.socket,
+    server: Server,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve metrics on ``sock`` until the server shuts down."""
+    from .metrics import serve_metrics_listener
+
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    host, port = sock.getsockname()[:2]
+    logger.info("metrics of process %d: http://%s:%d/metrics", os.getpid(), host, port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_metrics_listener, app, listener)
+        task_status.started()
+        await server._shutdown.wait()
+        nursery.cancel_scope.cancel()

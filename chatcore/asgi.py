@@ -51,6 +51,7 @@ import trio
 from ._config import Config
 from ._connection import ConnectionHandler
 from ._server import ServedHandler, refuse_asgi_websocket, serve_asgi_websocket, served
+from .metrics import handshake_refused, metrics_started, serve_metrics
 from .static import serve_client_script
 from .transports._asgi_stream import (
     LINGER,
@@ -128,6 +129,10 @@ class ASGIApp:
         unready_when_degraded: Report not ready (503) while the backplane is
             degraded, so a load balancer sends new clients to healthy nodes.
             Off by default: open connections keep working during an outage.
+        metrics_path: Where Prometheus metrics are served (GET), or ``None``
+            for nowhere. Needs the ``chatcore[metrics]`` extra; without it the
+            path answers 404 and the start-up logs say why. See
+            docs/observability.md.
 
     Raises:
         TypeError: ``handler`` is not a :class:`~chatcore.ConnectionHandler`.
@@ -150,6 +155,7 @@ class ASGIApp:
         retry_after: int | None = None,
         linger: float = LINGER,
         unready_when_degraded: bool = False,
+        metrics_path: str | None = "/metrics",
     ) -> None:
         if not isinstance(handler, ConnectionHandler):
             raise TypeError(f"{handler!r} is not a chatcore ConnectionHandler")
@@ -168,6 +174,8 @@ class ASGIApp:
         self.linger = linger
         #: Whether a degraded backplane makes the health endpoint answer 503.
         self.unready_when_degraded = unready_when_degraded
+        #: Where Prometheus metrics are served, or ``None`` (see chatcore.metrics).
+        self.metrics_path = metrics_path
         self._config = config
         self._default_config = Config()
         self._retry_after = retry_after
@@ -275,10 +283,13 @@ class ASGIApp:
     async def _websocket(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         if (refusal := screen_request(scope, self.config.handshake_limits)) is not None:
             # Over a handshake limit (414/431) or a bad key (400): see docs/security.md.
+            handshake_refused(refusal.status)
             await refuse_asgi_websocket(scope, receive, send, refusal.status, refusal.body)
         elif scope.get("path") != self.path:
+            handshake_refused(404)
             await refuse_asgi_websocket(scope, receive, send, 404, b"not found")
         elif self.draining:
+            handshake_refused(503)
             await refuse_asgi_websocket(
                 scope,
                 receive,
@@ -315,6 +326,8 @@ class ASGIApp:
                 await _respond(send, status, body if method == "GET" else b"", headers, len(body))
             else:
                 await _respond(send, 405, b"method not allowed\n", [(b"allow", b"GET, HEAD")])
+        elif self.metrics_path is not None and scope.get("path") == self.metrics_path:
+            await serve_metrics(self, scope, send)
         elif self.client_path is not None and scope.get("path") == self.client_path:
             await serve_client_script(scope, send)  # the browser client, chatcore.js
         elif self.http_app is not None:
@@ -337,6 +350,8 @@ class ASGIApp:
                         logger.exception("the handler failed to start")
                         await send({"type": "lifespan.startup.failed", "message": repr(exc)})
                         return
+                    if self.metrics_path is not None:
+                        metrics_started(self)
                     await send({"type": "lifespan.startup.complete"})
                 elif kind == "lifespan.shutdown":
                     nursery.cancel_scope.cancel()

@@ -51,6 +51,9 @@ EXPECTED: dict[str, set[str]] = {
         "OutboundMessage",
         "PushResult",
         "encode",
+        # logs
+        "JSONFormatter",
+        "configure_logging",
         # serving
         "ServedHandler",
         "HandlerHealth",
