@@ -24,22 +24,32 @@ from pathlib import Path
 import pytest
 import trio
 
-__all__ = ["RedisServer", "redis_executable", "redis_server"]
+__all__ = ["RedisServer", "redis_executable", "redis_server", "unblocked_signals"]
 
 #: How long a start may take before the test fails.
 START_TIMEOUT = 10.0
 
 
-def redis_executable() -> str:
-    """The ``redis-server`` to run; skips (or fails under CI) if there is none."""
+def redis_executable(name: str = "redis-server", package: str = "redis-server") -> str:
+    """The ``redis-server`` (or another Redis binary) to run; skips (or fails under CI) if none."""
     # On PATH only: a PATH without it is how to try the suite as a machine without it.
-    found = shutil.which("redis-server")
+    found = shutil.which(name)
     if found is None:
-        reason = "redis-server is not installed (apt-get install redis-server)"
+        reason = f"{name} is not installed (apt-get install {package})"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}: CI must run the Redis tests")
         pytest.skip(reason)
     return found
+
+
+def unblocked_signals() -> None:
+    """Run in the child before ``exec``: no blocked signals.
+
+    A child inherits its parent's signal mask, and a test that runs
+    ``chatcore serve`` in process can leave SIGTERM blocked in the test
+    process: a redis-server started after it would then ignore SIGTERM.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 def _free_port() -> int:
@@ -106,6 +116,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=unblocked_signals,
         )
         self.pids.append(process.pid)
         return process

@@ -199,7 +199,12 @@ EXPECTED: dict[str, set[str]] = {
         "ASGIStream",
         "Health",
     },
-    "chatcore.redis": {"RedisBackplane", "RedisBackplaneStatistics"},
+    "chatcore.redis": {
+        "RedisBackplane",
+        "RedisBackplaneStatistics",
+        "RedisClusterBackplane",
+        "ShardStatistics",
+    },
 }
 
 

@@ -5,7 +5,9 @@ Install the extra: ``pip install 'chatcore[redis]'`` (it pulls in ``coredis``).
 The package, by role: ``_scripts`` (the Lua scripts: where order is
 decided), ``_records`` (what one session and one room hold, reply parsing),
 ``_backplane`` (:class:`RedisBackplane`: the calls, the supervised session,
-incoming messages). Node events use the byte format of
+incoming messages), ``_cluster`` (:class:`RedisClusterBackplane`: one such
+session per Redis Cluster shard, following the topology), ``_url`` (which
+URL means what). Node events use the byte format of
 :func:`chatcore.sansio.encode_node_event`.
 
 Theory of operation
@@ -56,7 +58,11 @@ Rule 5: **lost history is a new epoch.** If a room's keys vanish (Redis
 restarted without persistence, eviction, the idle TTL), the next script run
 creates a new epoch (and drops any leftover stream). A node that sees a
 watched room's epoch change sends a :class:`~chatcore.RoomReset` event once per
-change; messages of an epoch it has already left behind are dropped.
+change; messages of an epoch it has already left behind are dropped. The same
+holds when Redis comes back *behind* what a node already delivered (a replica
+promoted before it had the newest messages, a restore from an older file): the
+node that notices on its catch-up ends the epoch (``ROLLBACK_LUA``), since
+the next offsets would otherwise be given to other messages.
 
 Keys and channels
 -----------------
@@ -84,6 +90,12 @@ node that is disconnected when one is sent misses it (a hub that has
 gets a :class:`~chatcore.Reconnected` event after every reconnect, to
 re-announce its presence).
 
+On Redis Cluster (:class:`RedisClusterBackplane`) the room channel is a shard
+channel (``SPUBLISH``/``SSUBSCRIBE``), the bus is 16 shard channels spread
+over the slots (a user's traffic on its hash's channel, a node's presence on
+its own), and each shard gets its own session with the rules above; see
+``chatcore.redis._cluster`` for how the topology is followed.
+
 Subscriptions follow :meth:`~RedisBackplane.watch`; after
 :meth:`~RedisBackplane.unwatch` a room stays subscribed for
 ``unsubscribe_linger`` seconds, so the hub's unwatch/watch around a first join,
@@ -108,8 +120,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from ._backplane import RedisBackplane as RedisBackplane
+from ._cluster import RedisClusterBackplane as RedisClusterBackplane
 from ._records import RedisBackplaneStatistics as RedisBackplaneStatistics
+from ._records import ShardStatistics as ShardStatistics
 
-__all__ = ["RedisBackplane", "RedisBackplaneStatistics"]
+__all__ = [
+    "RedisBackplane",
+    "RedisBackplaneStatistics",
+    "RedisClusterBackplane",
+    "ShardStatistics",
+]
 
 del coredis

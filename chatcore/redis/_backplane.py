@@ -44,8 +44,10 @@ from ..sansio import (
 )
 from ..sansio._protocol import text_message
 from ._records import (
+    ACK_KINDS,
     BURST,
     CATCH_UP_ROUND,
+    MESSAGE_KINDS,
     SUBSCRIBE_CHUNK,
     PublishItem,
     RedisBackplaneStatistics,
@@ -59,8 +61,10 @@ from ._records import (
     is_link_error,
     parse_entries,
     push_buffer,
+    redirect_of,
 )
 from ._scripts import JSON, SCRIPTS
+from ._url import AckOptions, is_cluster_url, split_ack_options
 
 __all__ = ["RedisBackplane"]
 
@@ -72,12 +76,18 @@ class RedisBackplane(Backplane):
 
     Run it alongside its hub (``await nursery.start(backplane.run)``; the hub
     does this when it owns the backplane). One Redis 7+ server (or a primary
-    behind a stable address) serves any number of nodes. See the module docs
+    behind a stable address) serves any number of nodes; a Redis Cluster URL
+    makes a :class:`~chatcore.redis.RedisClusterBackplane` instead. See the module docs
     for how order, recovery and outages are handled, and ``docs/scale-out.md``.
 
     Args:
         url: The Redis URL (``redis://[user:password@]host:port/db``,
-            ``rediss://`` for TLS, ``unix:///path/to/socket``).
+            ``rediss://`` for TLS, ``unix:///path/to/socket``), or a Redis
+            Cluster's (``redis+cluster://HOST:PORT[,HOST:PORT...]``,
+            ``rediss+cluster://`` for TLS): then the constructor returns a
+            :class:`~chatcore.redis.RedisClusterBackplane`. Query options
+            ``wait_replicas``, ``wait_timeout`` and ``wait_aof`` set the
+            arguments of the same names (see ``docs/scale-out.md``).
         history: How much of each room's order is kept for recovery:
             ``max_messages`` caps the stream (approximately: up to 64 more
             may be kept between trims), ``max_bytes`` caps the bytes of its
@@ -109,10 +119,34 @@ class RedisBackplane(Backplane):
         unsubscribe_linger: Seconds a room stays subscribed after
             :meth:`unwatch`, so a member coming right back (or the hub's
             unwatch/watch around a first join) keeps the live subscription.
+        wait_replicas: A publish is acknowledged only once this many
+            replicas have it (``WAIT``); 0: once the primary ran the script.
+        wait_timeout: Seconds a publish waits for those replicas; fewer in
+            time fails the publish with :class:`~chatcore.BackplaneError`
+            (the message may still be delivered: it was sequenced).
+        wait_aof: Also wait until the primary and ``wait_replicas`` replicas
+            fsynced it to their append-only file (``WAITAOF``, Redis 7.2+;
+            an older server gets ``WAIT`` and a warning in the log).
 
     Raises:
-        ValueError: a bound is not positive.
+        ValueError: a bound is not positive, or the URL is malformed.
     """
+
+    # Pub/sub commands and push kinds (sharded ones on Redis Cluster).
+    _SUBSCRIBE = b"SUBSCRIBE"
+    _UNSUBSCRIBE = b"UNSUBSCRIBE"
+    _PUBLISH = b"PUBLISH"
+    _scripts = SCRIPTS
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> RedisBackplane:
+        # The URL picks the implementation, as a user passes it (one argument,
+        # one environment variable, one command-line option).
+        url = args[0] if args else kwargs.get("url", "")
+        if cls is RedisBackplane and isinstance(url, str) and is_cluster_url(url):
+            from ._cluster import RedisClusterBackplane
+
+            return super().__new__(RedisClusterBackplane)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -131,7 +165,20 @@ class RedisBackplane(Backplane):
         node_ttl: float = 10.0,
         room_ttl: float | None = 7 * 24 * 3600.0,
         unsubscribe_linger: float = 2.0,
+        wait_replicas: int | None = None,
+        wait_timeout: float | None = None,
+        wait_aof: bool | None = None,
     ) -> None:
+        url, in_url = split_ack_options(url)
+        in_url = in_url or AckOptions()
+        #: What a publish waits for before its ``ok``.
+        self.ack = AckOptions(
+            in_url.replicas if wait_replicas is None else wait_replicas,
+            in_url.timeout if wait_timeout is None else wait_timeout,
+            in_url.aof if wait_aof is None else wait_aof,
+        )
+        if self.ack.replicas < 0 or not self.ack.timeout > 0:
+            raise ValueError("RedisBackplane wait_replicas must be >= 0 and wait_timeout > 0")
         for name, value in (
             ("publish_batch", publish_batch),
             ("publish_queue", publish_queue),
@@ -169,6 +216,8 @@ class RedisBackplane(Backplane):
         )
         self._meta_ttl_ms = "0" if room_ttl is None else str(math.ceil(room_ttl * 1000))
         self._bus = f"{prefix}:bus".encode()
+        # The bus channels this backplane subscribes to (one shard's share on a cluster).
+        self._buses = {self._bus}
         self._nodes_key = f"{prefix}:nodes"
 
         self._sink: BackplaneSink | None = None
@@ -448,7 +497,7 @@ class RedisBackplane(Backplane):
         self._rooms[room] = RoomState()
         channel = self._channel(room)
         self._channel_rooms[channel] = room
-        self._send_subscription(b"SUBSCRIBE", [channel])
+        self._send_subscription(self._SUBSCRIBE, [channel])
 
     def unwatch(self, room: str) -> None:
         """Stop delivering ``room`` here (idempotent).
@@ -602,6 +651,9 @@ class RedisBackplane(Backplane):
                 await self._load_script(session, connection, script)
                 return await evalsha()
         except coredis.exceptions.ResponseError as exc:
+            if (redirected := redirect_of(exc)) is not None:
+                self._on_redirect()
+                raise redirected from exc
             raise BackplaneError(f"Redis refused the {script} script: {exc}") from exc
         except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
             self._kick(session, f"{script} failed: {exc!r}")
@@ -611,7 +663,7 @@ class RedisBackplane(Backplane):
         self, session: RedisSession, connection: coredis.BaseConnection, script: str
     ) -> None:
         sha = await connection.create_request(
-            b"SCRIPT", b"LOAD", SCRIPTS[script], timeout=self._command_timeout
+            b"SCRIPT", b"LOAD", self._scripts[script], timeout=self._command_timeout
         )
         session.shas[script] = sha if isinstance(sha, bytes) else as_str(sha).encode()
 
@@ -621,9 +673,12 @@ class RedisBackplane(Backplane):
             session = await self._wait_established()
             try:
                 await session.cmd.create_request(
-                    b"PUBLISH", channel, payload, timeout=self._command_timeout
+                    self._PUBLISH, channel, payload, timeout=self._command_timeout
                 )
             except (coredis.exceptions.RedisError, TimeoutError, OSError) as exc:
+                if (redirected := redirect_of(exc)) is not None:
+                    self._on_redirect()
+                    raise redirected from exc
                 self._kick(session, f"bus publish failed: {exc!r}")
                 raise BackplaneError(f"Redis is unavailable: {exc}") from exc
             return
@@ -687,12 +742,17 @@ class RedisBackplane(Backplane):
 
     def _on_push(self, session: RedisSession, push: list[Any]) -> None:
         kind = push[0]
-        if kind == b"message":
+        if kind in MESSAGE_KINDS:
             self._on_message(push[1], push[2])
-        elif kind in (b"subscribe", b"unsubscribe"):
+        elif kind in ACK_KINDS:
             self._on_ack(session, push[1])
 
     def _on_ack(self, session: RedisSession, channel: bytes) -> None:
+        if channel not in session.inflight:
+            # Not asked for: Redis Cluster unsubscribes a shard channel whose
+            # slot moved to another node.
+            self._on_dropped(channel)
+            return
         pending = session.inflight.get(channel, 0) - 1
         session.unacked -= 1
         if pending > 0:
@@ -704,7 +764,7 @@ class RedisBackplane(Backplane):
             self._rooms[room].subscribed.set()
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
-        if channel == self._bus:
+        if channel in self._buses:
             self._on_bus(data)
             return
         room = self._channel_rooms.get(channel)
@@ -841,17 +901,19 @@ class RedisBackplane(Backplane):
                 pub = await pool.get_connection()
                 cmd = await pool.get_connection()
                 session = RedisSession(client, sub, pub, cmd, {}, scope)
-                for name in SCRIPTS:
+                for name in self._scripts:
                     await self._load_script(session, cmd, name)
+                if self.ack.aof:
+                    session.wait_command = await self._wait_command(cmd)
                 self._session = session
                 now_ms = await self._lease(session)
                 session.grace_until_ms = now_ms + math.ceil(self._node_ttl * 1000)
                 pushes = await stack.enter_async_context(aclosing(sub.push_messages))
-                self._send_subscription(b"SUBSCRIBE", [self._bus, *self._channel_rooms])
+                self._send_subscription(self._SUBSCRIBE, [*self._buses, *self._channel_rooms])
                 buffered: list[list[Any]] = []
                 while session.unacked > 0:
                     push = await pushes.__anext__()
-                    if push[0] == b"message":
+                    if push[0] in MESSAGE_KINDS:
                         buffered.append(push)
                     else:
                         self._on_push(session, push)
@@ -934,6 +996,12 @@ class RedisBackplane(Backplane):
                     state.epoch = epoch
                     state.known = offset
                     continue
+                if epoch == state.epoch and offset < max(state.delivered, state.known):
+                    # Redis is behind what this node already handed out (a
+                    # replica promoted before it had everything, an old
+                    # snapshot): the next offsets would be reused for other
+                    # messages. The order is lost: end the epoch for everyone.
+                    epoch = await self._end_rolled_back_epoch(session, room, state, offset)
                 if epoch != state.epoch:
                     # A new order (Redis lost the old one): the hub is told,
                     # then gets the new epoch's messages from its start.
@@ -947,6 +1015,26 @@ class RedisBackplane(Backplane):
                     self._caught_up += self._delivered - before
                 if raw_entries and state.delivered < offset:
                     todo.append(room)
+
+    async def _end_rolled_back_epoch(
+        self, session: RedisSession, room: str, state: RoomState, offset: int
+    ) -> str:
+        """Replace the room's epoch if Redis still has it at ``offset``; the room's epoch now."""
+        logger.warning(
+            "%s: room %r went back in Redis (offset %d, %d handed out here): new epoch",
+            self.node_id,
+            room,
+            offset,
+            max(state.delivered, state.known),
+        )
+        reply = await self._request(
+            session,
+            session.cmd,
+            "rollback",
+            (self._meta_key(room), self._log_key(room)),
+            (state.epoch or "", str(max(state.delivered, state.known)), secrets.token_hex(4)),
+        )
+        return as_str(reply)
 
     async def _lease(self, session: RedisSession) -> int:
         reply = as_list(
@@ -984,7 +1072,7 @@ class RedisBackplane(Backplane):
                 del self._lingering[room]
                 self._forget(room)
             if expired:
-                self._send_subscription(b"UNSUBSCRIBE", [self._channel(r) for r in expired])
+                self._send_subscription(self._UNSUBSCRIBE, [self._channel(r) for r in expired])
 
     async def _heartbeat(self, session: RedisSession) -> None:
         # The subscription is otherwise silent while rooms are: a PING with a
@@ -1027,7 +1115,11 @@ class RedisBackplane(Backplane):
                     )
                     item.sent = True
                     requests.append((item, request))
+                # WAIT / WAITAOF count what the connection wrote before them:
+                # pipelined right behind the batch, one reply covers it all.
+                replicated = self._send_wait(session) if requests else None
                 unscripted = []
+                sequenced = []
                 for item, request in requests:
                     try:
                         reply = as_list(await request)
@@ -1036,9 +1128,28 @@ class RedisBackplane(Backplane):
                         item.sent = False
                         unscripted.append(item)
                     except coredis.exceptions.ResponseError as exc:
-                        item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
+                        if (redirected := redirect_of(exc)) is not None:
+                            # Not run (the slot is served elsewhere): the
+                            # caller routes it again.
+                            item.sent = False
+                            item.fail(redirected)
+                            self._on_redirect()
+                        else:
+                            item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
                     else:
-                        item.resolve(as_str(reply[0]), as_int(reply[1]))
+                        sequenced.append((item, as_str(reply[0]), as_int(reply[1])))
+                if replicated is not None and not await self._confirmed(replicated):
+                    for item, _, _ in sequenced:
+                        item.fail(
+                            BackplaneError(
+                                f"not confirmed by {self.ack.replicas} replica(s) within"
+                                f" {self.ack.timeout} s: the message was sequenced but"
+                                " may be lost if the primary fails"
+                            )
+                        )
+                else:
+                    for item, epoch, offset in sequenced:
+                        item.resolve(epoch, offset)
                 if not unscripted:
                     return
                 if attempt == 0:
@@ -1063,3 +1174,50 @@ class RedisBackplane(Backplane):
                             "the connection to Redis was lost: the message may have been sequenced"
                         )
                     )
+
+    # -- acknowledgement modes -------------------------------------------
+
+    def _send_wait(self, session: RedisSession) -> Awaitable[object] | None:
+        """Pipeline ``WAIT`` (or ``WAITAOF``) behind a batch, if the mode asks for it."""
+        if not self.ack.replicas and not self.ack.aof:
+            return None
+        timeout_ms = str(math.ceil(self.ack.timeout * 1000))
+        args = (
+            (b"WAITAOF", b"1", str(self.ack.replicas), timeout_ms)
+            if session.wait_command == b"WAITAOF"
+            else (b"WAIT", str(self.ack.replicas), timeout_ms)
+        )
+        return session.pub.create_request(*args, timeout=self._command_timeout + self.ack.timeout)
+
+    async def _confirmed(self, replicated: Awaitable[object]) -> bool:
+        """Whether the ``WAIT`` / ``WAITAOF`` reply says the batch is as safe as asked."""
+        reply = await replicated
+        if isinstance(reply, (list, tuple)):  # WAITAOF: [local fsyncs, replica fsyncs]
+            return as_int(reply[0]) >= 1 and as_int(reply[1]) >= self.ack.replicas
+        return as_int(reply) >= self.ack.replicas
+
+    async def _wait_command(self, connection: coredis.BaseConnection) -> bytes:
+        """``WAITAOF`` if the server has it (Redis 7.2+), else ``WAIT`` (and a warning)."""
+        info = as_str(
+            await connection.create_request(b"INFO", b"server", timeout=self._command_timeout)
+        )
+        fields = dict(line.partition(":")[::2] for line in info.splitlines())
+        version = fields.get("redis_version", "0").strip()
+        major_minor = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+        if major_minor >= (7, 2):
+            return b"WAITAOF"
+        logger.warning(
+            "%s: Redis %s has no WAITAOF (7.2+): a publish waits for %d replica(s) with WAIT only",
+            self.node_id,
+            version,
+            self.ack.replicas,
+        )
+        return b"WAIT"
+
+    # -- hooks for Redis Cluster ------------------------------------------
+
+    def _on_redirect(self) -> None:
+        """A command was answered ``MOVED`` / ``ASK`` / ``TRYAGAIN`` / ``CLUSTERDOWN``."""
+
+    def _on_dropped(self, channel: bytes) -> None:
+        """Redis ended a subscription nobody asked to end (a slot moved away)."""

@@ -21,10 +21,35 @@ CATCH_UP_ROUND: Final = 256
 BURST: Final = 1_024
 # Epochs a room remembers having left (messages from them are dropped).
 RETIRED_EPOCHS: Final = 8
+# Push kinds: messages and (un)subscribe confirmations, plain and sharded.
+MESSAGE_KINDS: Final = frozenset({b"message", b"smessage"})
+ACK_KINDS: Final = frozenset({b"subscribe", b"unsubscribe", b"ssubscribe", b"sunsubscribe"})
 
 
 class SessionLost(Exception):
     """This session cannot go on (the supervisor reconnects)."""
+
+
+class Redirected(BackplaneError):
+    """Redis Cluster: the room's slot is served by another node, or moving.
+
+    The command did not run (``MOVED``, ``ASK``, ``TRYAGAIN``,
+    ``CLUSTERDOWN``); the cluster backplane routes it again.
+    """
+
+
+def redirect_of(exc: BaseException) -> Redirected | None:
+    """The :class:`Redirected` for a cluster redirection error, else ``None``."""
+    if isinstance(
+        exc,
+        (
+            coredis.exceptions.AskError,  # MovedError too
+            coredis.exceptions.TryAgainError,
+            coredis.exceptions.ClusterDownError,
+        ),
+    ):
+        return Redirected(f"Redis Cluster redirected the command: {exc}")
+    return None
 
 
 @attrs.frozen
@@ -50,6 +75,13 @@ class RedisBackplaneStatistics:
         stale: Room messages of an epoch the room left behind (not handed over).
         room_resets: Epoch changes seen for watched rooms.
         nodes: Other nodes currently known to be alive.
+        shards: On Redis Cluster, each shard's state (empty on one Redis).
+        degraded_shards: On Redis Cluster, shards without a session.
+        topology_refreshes: On Redis Cluster, topology reads (``CLUSTER SLOTS``).
+        topology_changes: On Redis Cluster, topology reads that changed
+            something (a failover, a slot moved, a shard added or gone).
+        redirects: On Redis Cluster, calls routed again after ``MOVED``,
+            ``ASK``, ``TRYAGAIN`` or ``CLUSTERDOWN``.
     """
 
     node_id: str
@@ -69,6 +101,40 @@ class RedisBackplaneStatistics:
     stale: int
     room_resets: int
     nodes: int
+    shards: tuple[ShardStatistics, ...] = ()
+    degraded_shards: int = 0
+    topology_refreshes: int = 0
+    topology_changes: int = 0
+    redirects: int = 0
+
+
+@attrs.frozen
+class ShardStatistics:
+    """One Redis Cluster shard as a node sees it (in :attr:`RedisBackplaneStatistics.shards`).
+
+    Attributes:
+        address: ``host:port`` of the shard's primary.
+        slots: How many of the 16,384 slots it serves.
+        connected: Its session is established (subscribed and caught up).
+        degraded_for: Seconds since it lost its session, or ``None``.
+        sessions: Sessions established with it.
+        session_failures: Sessions (or attempts) with it that ended in an error.
+        last_error: Why its last session ended.
+        watched_rooms: Watched rooms whose slots it serves.
+        published: Messages sequenced on it through this node.
+        delivered: Room messages from it handed to the hub.
+    """
+
+    address: str
+    slots: int
+    connected: bool
+    degraded_for: float | None
+    sessions: int
+    session_failures: int
+    last_error: str | None
+    watched_rooms: int
+    published: int
+    delivered: int
 
 
 @attrs.define(eq=False)
@@ -135,6 +201,8 @@ class RedisSession:
     established: bool = False
     # Redis ms before which no node is reported down (a grace after connecting).
     grace_until_ms: int = 0
+    # The command confirming a publish's durability (WAIT, or WAITAOF on 7.2+).
+    wait_command: bytes = b"WAIT"
 
 
 def as_str(value: object) -> str:

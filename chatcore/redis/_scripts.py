@@ -6,7 +6,15 @@ from typing import Final
 
 from ..sansio._outbox import dumps
 
-__all__ = ["JSON", "LEASE_LUA", "PUBLISH_LUA", "READ_LUA", "RECENT_LUA", "SCRIPTS"]
+__all__ = [
+    "JSON",
+    "LEASE_LUA",
+    "PUBLISH_LUA",
+    "READ_LUA",
+    "RECENT_LUA",
+    "ROLLBACK_LUA",
+    "SCRIPTS",
+]
 
 
 class _WireJSON:
@@ -121,9 +129,24 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
 return {string.format('%d', ms), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
 """
 
+#: End a room's epoch that went back (its offset is below one already handed out).
+#: KEYS: meta, log. ARGV: the epoch seen, the offset handed out, a fresh epoch.
+#: Returns the room's epoch afterwards (unchanged if another node replaced it first).
+ROLLBACK_LUA: Final = r"""
+local epoch = redis.call('HGET', KEYS[1], 'e')
+local offset = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
+if not epoch or (epoch == ARGV[1] and offset < tonumber(ARGV[2])) then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', ARGV[3], 'o', 0)
+  return ARGV[3]
+end
+return epoch
+"""
+
 SCRIPTS: Final = {
     "publish": PUBLISH_LUA,
     "read": READ_LUA,
     "recent": RECENT_LUA,
     "lease": LEASE_LUA,
+    "rollback": ROLLBACK_LUA,
 }
