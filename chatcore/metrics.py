@@ -439,12 +439,12 @@ def _families(app: ASGIApp, metrics: ConnectionMetrics) -> Iterator[Metric]:
             "Frames written, by how many messages each carried (batching).",
         )
         running = 0
-        buckets: list[tuple[str, float]] = []
+        frame_buckets: list[tuple[str, float]] = []
         for k, count in enumerate(by_size):
             running += count
             last = k == len(by_size) - 1
-            buckets.append(("+Inf" if last else str(2 ** (k + 1) - 1), running))
-        frames.add_metric([], buckets, messages)
+            frame_buckets.append(("+Inf" if last else str(2 ** (k + 1) - 1), running))
+        frames.add_metric([], frame_buckets, messages)
         yield frames
     yield counter(
         "chatcore_close_log_suppressed",
@@ -455,7 +455,11 @@ def _families(app: ASGIApp, metrics: ConnectionMetrics) -> Iterator[Metric]:
 
 
 def _handler_families(app: ASGIApp) -> Iterable[Metric]:
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
 
     statistics = getattr(app.handler, "statistics", None)
     hub = statistics() if callable(statistics) else None
@@ -499,6 +503,22 @@ def _handler_families(app: ASGIApp) -> Iterable[Metric]:
         value = getattr(stats, attribute, None)
         if isinstance(value, int):
             yield CounterMetricFamily(name, doc, value=value)
+    trips = getattr(stats, "round_trips", None)
+    if trips:
+        from .redis._records import ROUND_TRIP_BOUNDS
+
+        running = 0
+        trip_buckets: list[tuple[str, float]] = []
+        for bound, count in zip((*ROUND_TRIP_BOUNDS, float("inf")), trips, strict=True):
+            running += count
+            trip_buckets.append(("+Inf" if bound == float("inf") else repr(bound), running))
+        round_trips = HistogramMetricFamily(
+            "chatcore_redis_round_trip_seconds",
+            "Time Redis took to answer a pipelined batch of publishes.",
+        )
+        seconds = float(getattr(stats, "round_trip_seconds", 0.0))
+        round_trips.add_metric([], trip_buckets, seconds)
+        yield round_trips
     queued = getattr(stats, "queued_publishes", None)
     if isinstance(queued, int):
         yield GaugeMetricFamily(

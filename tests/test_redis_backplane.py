@@ -36,6 +36,7 @@ from chatcore import (
     Sequenced,
 )
 from chatcore.redis import RedisBackplane
+from chatcore.redis._records import ROUND_TRIP_BOUNDS
 from chatcore.sansio import (
     Delivery,
     HandshakeRequest,
@@ -305,7 +306,13 @@ async def test_concurrent_publishers_on_three_nodes_share_one_order(
         for item in nodes[0].sink.delivered:
             payload = json.loads(item.message.text)
             assert (payload["from"], payload["data"]) == acked[item.offset]
-        assert nodes[0].backplane.statistics().published == 600
+        stats = nodes[0].backplane.statistics()
+        assert stats.published == 600
+        # Every publish went out in a pipelined batch whose round trip was timed.
+        batches = sum(stats.round_trips)
+        assert 1 <= batches <= 600
+        assert len(stats.round_trips) == len(ROUND_TRIP_BOUNDS) + 1
+        assert stats.round_trip_seconds > 0
 
 
 async def test_replay_is_all_or_nothing(redis_server: RedisServer) -> None:

@@ -5,10 +5,12 @@ See the package docs (:mod:`chatcore.redis`) for the rules it keeps.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
 from contextlib import AsyncExitStack, aclosing
@@ -48,6 +50,7 @@ from ._records import (
     BURST,
     CATCH_UP_ROUND,
     MESSAGE_KINDS,
+    ROUND_TRIP_BOUNDS,
     SUBSCRIBE_CHUNK,
     PublishItem,
     RedisBackplaneStatistics,
@@ -244,6 +247,9 @@ class RedisBackplane(Backplane):
         self._session_failures = 0
         self._last_error: str | None = None
         self._published = 0
+        # Publish batches by round-trip time (ROUND_TRIP_BOUNDS), and their sum.
+        self._round_trips = [0] * (len(ROUND_TRIP_BOUNDS) + 1)
+        self._round_trip_seconds = 0.0
         self._publish_failures = 0
         self._delivered = 0
         self._caught_up = 0
@@ -308,6 +314,8 @@ class RedisBackplane(Backplane):
             stale=self._stale,
             room_resets=self._room_resets,
             nodes=len(self._nodes),
+            round_trips=tuple(self._round_trips),
+            round_trip_seconds=self._round_trip_seconds,
         )
 
     async def wait_connected(self) -> None:
@@ -1102,6 +1110,7 @@ class RedisBackplane(Backplane):
         pending = [item for item in batch if not item.abandoned]
         try:
             for attempt in range(2):
+                sent_at = time.perf_counter()
                 requests = []
                 for item in pending:
                     request = session.pub.create_request(
@@ -1138,7 +1147,12 @@ class RedisBackplane(Backplane):
                             item.fail(BackplaneError(f"Redis refused the publish: {exc}"))
                     else:
                         sequenced.append((item, as_str(reply[0]), as_int(reply[1])))
-                if replicated is not None and not await self._confirmed(replicated):
+                confirmed = replicated is None or await self._confirmed(replicated)
+                if requests:
+                    took = time.perf_counter() - sent_at
+                    self._round_trips[bisect.bisect_left(ROUND_TRIP_BOUNDS, took)] += 1
+                    self._round_trip_seconds += took
+                if not confirmed:
                     for item, _, _ in sequenced:
                         item.fail(
                             BackplaneError(

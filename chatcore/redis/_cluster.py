@@ -304,6 +304,12 @@ class RedisClusterBackplane(RedisBackplane):
             topology_refreshes=self._refreshes,
             topology_changes=self._topology_changes,
             redirects=self._redirects,
+            round_trips=tuple(
+                sum(column) for column in zip(*(p.round_trips for p in parts), strict=True)
+            )
+            if parts
+            else (),
+            round_trip_seconds=sum(p.round_trip_seconds for p in parts),
         )
 
     async def wait_connected(self) -> None:

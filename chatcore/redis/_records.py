@@ -82,6 +82,10 @@ class RedisBackplaneStatistics:
             something (a failover, a slot moved, a shard added or gone).
         redirects: On Redis Cluster, calls routed again after ``MOVED``,
             ``ASK``, ``TRYAGAIN`` or ``CLUSTERDOWN``.
+        round_trips: Pipelined publish batches by how long Redis took to
+            answer them (from sending to the last reply): counts per bucket of
+            :data:`ROUND_TRIP_BOUNDS`, the last one for slower ones.
+        round_trip_seconds: The sum of those round trips.
     """
 
     node_id: str
@@ -106,6 +110,12 @@ class RedisBackplaneStatistics:
     topology_refreshes: int = 0
     topology_changes: int = 0
     redirects: int = 0
+    round_trips: tuple[int, ...] = ()
+    round_trip_seconds: float = 0.0
+
+
+#: Upper bounds (seconds) of :attr:`RedisBackplaneStatistics.round_trips`.
+ROUND_TRIP_BOUNDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 @attrs.frozen
