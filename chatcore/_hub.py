@@ -303,6 +303,8 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
             rooms=len(self._registry.active_rooms()),
             draining=self.draining,
             degraded=self.backplane.degraded,
+            # A sharded backplane names its degraded shards (duck-typed: optional).
+            degraded_parts=tuple(getattr(self.backplane, "degraded_parts", ())),
         )
 
     def sessions(self) -> list[Session]:

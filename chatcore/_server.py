@@ -79,12 +79,16 @@ class HandlerHealth:
         draining: A drain started: new handshakes are refused with 503.
         degraded: It cannot currently do its whole job (e.g. its backplane
             lost Redis); open connections keep working.
+        degraded_parts: Which parts are degraded, where the backplane can
+            tell (the Redis Cluster shards without a session, by address);
+            empty otherwise.
     """
 
     connections: int
     rooms: int
     draining: bool
     degraded: bool = False
+    degraded_parts: tuple[str, ...] = ()
 
 
 @runtime_checkable

@@ -95,6 +95,8 @@ class Health:
         draining: True once a drain started: new handshakes get 503.
         ready: False while draining (and, if the app is configured so, while
             degraded): a load balancer should stop routing here (HTTP 503).
+        degraded_shards: While degraded on Redis Cluster, the shards without
+            a session (``host:port`` of their primary); empty otherwise.
     """
 
     status: str
@@ -102,6 +104,7 @@ class Health:
     rooms: int
     draining: bool
     ready: bool = attrs.field()
+    degraded_shards: tuple[str, ...] = attrs.field(default=(), kw_only=True)
 
     @ready.default
     def _ready_unless_draining(self) -> bool:
@@ -269,6 +272,7 @@ class ASGIApp:
             rooms=rooms,
             draining=draining,
             ready=not draining and not (degraded and self.unready_when_degraded),
+            degraded_shards=handler.degraded_parts if degraded else (),
         )
 
     # -- ASGI ------------------------------------------------------------------
@@ -320,15 +324,15 @@ class ASGIApp:
             method = scope.get("method", "GET")
             if method in ("GET", "HEAD"):
                 health = self.health()
-                body = json.dumps(
-                    {
-                        "status": health.status,
-                        "connections": health.connections,
-                        "rooms": health.rooms,
-                        "draining": health.draining,
-                    },
-                    separators=(",", ":"),
-                ).encode()
+                report: dict[str, object] = {
+                    "status": health.status,
+                    "connections": health.connections,
+                    "rooms": health.rooms,
+                    "draining": health.draining,
+                }
+                if health.degraded_shards:
+                    report["degraded_shards"] = list(health.degraded_shards)
+                body = json.dumps(report, separators=(",", ":")).encode()
                 status = 200 if health.ready else 503
                 headers = [_JSON, (b"cache-control", b"no-store")]
                 if not health.ready:

@@ -519,6 +519,13 @@ def _handler_families(app: ASGIApp) -> Iterable[Metric]:
         seconds = float(getattr(stats, "round_trip_seconds", 0.0))
         round_trips.add_metric([], trip_buckets, seconds)
         yield round_trips
+    shards = getattr(stats, "shards", None)
+    if shards:
+        yield GaugeMetricFamily(
+            "chatcore_redis_degraded_shards",
+            "Redis Cluster shards without a session now (0 on one Redis).",
+            value=int(getattr(stats, "degraded_shards", 0)),
+        )
     queued = getattr(stats, "queued_publishes", None)
     if isinstance(queued, int):
         yield GaugeMetricFamily(

@@ -35,6 +35,7 @@ from tests.test_redis_serve import (
     all_received,
     chatcore_serve,
     check_publisher_order,
+    http_get,
     member,
     publish,
     publish_concurrently,
@@ -373,10 +374,15 @@ async def test_three_processes_on_the_cluster_share_one_order_and_survive_a_fail
             assert victim is not None
             killed = trio.current_time()
             victim.kill()
-            for server in servers:
-                await wait_health(server, "degraded", within=5)
+            # /healthz says degraded (still ready: 200) and names the shard
+            # that is down; the others serve on.
+            reports = [await degraded_report(server, within=5) for server in servers]
+            for report in reports:
+                assert len(report["degraded_shards"]) == 1, report
             for server in servers:
                 await wait_health(server, "ok", within=15)
+            for server in servers:
+                assert "degraded_shards" not in (await http_get(server.port, "/healthz"))[1]
             recovered = trio.current_time() - killed
             assert all(m.close_code is None for m in everyone)
             had = [len(m.room_messages()) for m in everyone]
@@ -632,3 +638,14 @@ async def test_without_a_reachable_node_calls_fail_within_the_request_timeout() 
         assert stats.topology_refreshes >= 1
         assert "no Redis Cluster node answered" in (stats.last_error or "")
         nursery.cancel_scope.cancel()
+
+
+async def degraded_report(server: Any, within: float) -> dict[str, Any]:
+    """The first ``/healthz`` body that says ``degraded`` (answered 200: still ready)."""
+    with trio.fail_after(within):
+        while True:
+            status, body = await http_get(server.port, "/healthz")
+            if body["status"] == "degraded":
+                assert status == 200
+                return body
+            await trio.sleep(0.05)

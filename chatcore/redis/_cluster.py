@@ -276,6 +276,19 @@ class RedisClusterBackplane(RedisBackplane):
         """True while the topology is unknown or any shard has no session."""
         return not self._shards or any(shard.degraded for shard in self._shards)
 
+    @property
+    def degraded_parts(self) -> tuple[str, ...]:
+        """The shards (``host:port`` of their primary) without a session now.
+
+        ``("topology",)`` while the cluster's topology is not known yet. The
+        health endpoint lists them (``degraded_shards``).
+        """
+        if not self._shards:
+            return ("topology",)
+        return tuple(
+            f"{shard.address[0]}:{shard.address[1]}" for shard in self._shards if shard.degraded
+        )
+
     def statistics(self) -> RedisBackplaneStatistics:
         """A snapshot: the shards' counters summed, and each shard's state in ``shards``."""
         parts = [shard.statistics() for shard in self._shards]
