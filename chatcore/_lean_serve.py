@@ -54,7 +54,7 @@ import trio
 from ._connection import serve_connection
 from ._exceptions import PeerGone
 from ._logs import log_request
-from ._server import _firewall
+from ._server import _firewall, _ServerControl
 from .asgi import ASGIApp
 from .metrics import handshake_refused, metrics_started
 from .transports._asgi_stream import ASGIMessage
@@ -93,7 +93,7 @@ _BAD_HEAD = (
 
 
 @attrs.define(eq=False)
-class LeanServer:
+class LeanServer(_ServerControl):
     """A running :func:`serve_lean` (its ``task_status`` value).
 
     Attributes:
@@ -105,42 +105,17 @@ class LeanServer:
     app: ASGIApp
     urls: tuple[str, ...]
     clients: int = attrs.field(default=0, init=False)
-    # Set by the first shutdown request.
-    _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
-    # The drain in progress (a second request cancels it).
-    _drain_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     # Every client task (a second request during the grace cancels it).
     _clients_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     # Woken when the last client task ends.
     _idle_lot: trio.lowlevel.ParkingLot = attrs.field(factory=trio.lowlevel.ParkingLot, init=False)
-    _requests: int = attrs.field(default=0, init=False)
 
     def __repr__(self) -> str:
         state = "stopping" if self._requests else "serving"
         return f"<LeanServer {' '.join(self.urls)} {state} clients={self.clients}>"
 
-    @property
-    def shutting_down(self) -> bool:
-        """True once a shutdown was requested."""
-        return self._requests > 0
-
-    def request_shutdown(self) -> None:
-        """Like SIGTERM: the first call drains gracefully, a second skips the waiting."""
-        self._requests += 1
-        if self._requests == 1:
-            self._shutdown.set()
-            return
-        logger.warning("second shutdown request: closing everything now")
-        self._drain_scope.cancel()
-        self._clients_scope.cancel()
-
-    async def _watch_signals(self, signals: Sequence[int]) -> None:
-        with trio.open_signal_receiver(*signals) as received:
-            # A worker starts with SIGTERM blocked (see chatcore._serve.run_workers).
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-            async for signum in received:
-                logger.info("received %s", signal.Signals(signum).name)
-                self.request_shutdown()
+    def _skip_waiting(self) -> None:
+        self._clients_scope.cancel()  # every client task, with its connection
 
     async def _accept(self, sock: socket.socket, nursery: trio.Nursery, access_log: bool) -> None:
         """Accept clients on ``sock`` until cancelled, each in a task of ``nursery``."""
@@ -438,20 +413,7 @@ async def serve_lean(
 
                 clients.start_soon(accept_all)
                 task_status.started(server)
-                await server._shutdown.wait()
-                start = trio.current_time()
-                logger.info(
-                    "shutting down: refusing new connections, draining %d within %.1f s",
-                    app.health().connections,
-                    drain_grace,
-                )
-                with server._drain_scope:
-                    left = await app.drain(drain_grace)
-                    logger.info(
-                        "drain finished in %.2f s; %d connection(s) left",
-                        trio.current_time() - start,
-                        left,
-                    )
+                await server._drain(app, drain_grace)
                 accepting.cancel()
                 with trio.move_on_after(SHUTDOWN_GRACE):
                     await server._wait_idle()

@@ -71,6 +71,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from ._logs import AccessLog
+from ._server import _ServerControl
 from ._wire_guard import answer_protocol_errors, install_deflate
 from .asgi import ASGIApp
 
@@ -215,7 +216,7 @@ def websocket_url(sock: socket.socket, path: str) -> str:
 
 
 @attrs.define(eq=False)
-class Server:
+class Server(_ServerControl):
     """A running :func:`serve` (its ``task_status`` value).
 
     Attributes:
@@ -226,42 +227,17 @@ class Server:
     app: ASGIApp
     urls: tuple[str, ...]
     _config: HypercornConfig = attrs.field(alias="config")
-    # Set by the first shutdown request.
-    _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
-    # The drain in progress (a second request cancels it).
-    _drain_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     # hypercorn's task (a second request during its grace period cancels it).
     _hypercorn_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     # hypercorn's shutdown trigger.
     _stop_hypercorn: trio.Event = attrs.field(factory=trio.Event, init=False)
-    _requests: int = attrs.field(default=0, init=False)
 
-    @property
-    def shutting_down(self) -> bool:
-        """True once a shutdown was requested."""
-        return self._requests > 0
-
-    def request_shutdown(self) -> None:
-        """Like SIGTERM: the first call drains gracefully, a second skips the waiting."""
-        self._requests += 1
-        if self._requests == 1:
-            self._shutdown.set()
-            return
-        logger.warning("second shutdown request: closing everything now")
+    def _skip_waiting(self) -> None:
+        # hypercorn gets no grace; if it is already stopping, it is cancelled.
         self._config.graceful_timeout = 0
-        self._drain_scope.cancel()
         if self._stop_hypercorn.is_set():
             self._hypercorn_scope.cancel()
         self._stop_hypercorn.set()
-
-    async def _watch_signals(self, signals: Sequence[int]) -> None:
-        with trio.open_signal_receiver(*signals) as received:
-            # A worker process starts with SIGTERM blocked (see run_workers):
-            # one that arrived during start-up is delivered now.
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-            async for signum in received:
-                logger.info("received %s", signal.Signals(signum).name)
-                self.request_shutdown()
 
 
 async def serve(
@@ -320,21 +296,7 @@ async def serve(
             await nursery.start(run_hypercorn)
             duplicates.clear()  # hypercorn owns them now
             task_status.started(server)
-            await server._shutdown.wait()
-            start = trio.current_time()
-            health = app.health()
-            logger.info(
-                "shutting down: refusing new connections, draining %d within %.1f s",
-                health.connections,
-                drain_grace,
-            )
-            with server._drain_scope:
-                left = await app.drain(drain_grace)
-                logger.info(
-                    "drain finished in %.2f s; %d connection(s) left",
-                    trio.current_time() - start,
-                    left,
-                )
+            await server._drain(app, drain_grace)
             server._stop_hypercorn.set()
             await trio.sleep_forever()
     finally:

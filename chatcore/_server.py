@@ -34,6 +34,7 @@ Serving functions:
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn, Protocol, runtime_checkable
 
@@ -414,3 +415,84 @@ async def refuse_asgi_websocket(
             await deny_websocket(scope, send, status, body, headers)
     except Exception as exc:
         logger.debug("refusal (%d) not delivered: %r", status, exc)
+
+
+_serve_logger = logging.getLogger("chatcore.serve")
+
+
+@attrs.define(eq=False)
+class _ServerControl:
+    """What both ``chatcore serve`` engines share: the shutdown requests and the drain.
+
+    The first request (SIGTERM, or :meth:`request_shutdown`) starts a graceful
+    drain; a second one calls :meth:`_skip_waiting`, which each engine
+    defines to cut its remaining waits short.
+    """
+
+    # Set by the first shutdown request.
+    _shutdown: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # The drain in progress (a second request cancels it).
+    _drain_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _requests: int = attrs.field(default=0, init=False)
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once a shutdown was requested."""
+        return self._requests > 0
+
+    def request_shutdown(self) -> None:
+        """Like SIGTERM: the first call drains gracefully, a second skips the waiting."""
+        self._requests += 1
+        if self._requests == 1:
+            self._shutdown.set()
+            return
+        _serve_logger.warning("second shutdown request: closing everything now")
+        self._drain_scope.cancel()
+        self._skip_waiting()
+
+    def _skip_waiting(self) -> None:
+        """A second shutdown request: stop waiting for anything (per engine)."""
+        raise NotImplementedError
+
+    async def _watch_signals(self, signals: Sequence[int]) -> None:
+        with trio.open_signal_receiver(*signals) as received:
+            # A worker process starts with SIGTERM blocked (see
+            # chatcore._serve.run_workers), and so does ``chatcore serve``
+            # while it imports its target: one that arrived meanwhile is
+            # delivered now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+            async for signum in received:
+                _serve_logger.info("received %s", signal.Signals(signum).name)
+                self.request_shutdown()
+
+    async def _drain(self, app: _DrainableApp, grace: float) -> None:
+        """Once shutdown was requested: drain ``app`` within ``grace`` seconds, logged."""
+        await self._shutdown.wait()
+        start = trio.current_time()
+        _serve_logger.info(
+            "shutting down: refusing new connections, draining %d within %.1f s",
+            app.health().connections,
+            grace,
+        )
+        with self._drain_scope:
+            left = await app.drain(grace)
+            _serve_logger.info(
+                "drain finished in %.2f s; %d connection(s) left",
+                trio.current_time() - start,
+                left,
+            )
+
+
+class _Counted(Protocol):
+    @property
+    def connections(self) -> int: ...
+
+
+class _DrainableApp(Protocol):
+    """What :meth:`_ServerControl._drain` needs of an app (an ``ASGIApp``)."""
+
+    def health(self) -> _Counted:
+        """A snapshot with ``connections``."""
+
+    async def drain(self, grace: float) -> int:
+        """Drain within ``grace`` seconds; how many connections were left."""
