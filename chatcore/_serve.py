@@ -47,6 +47,12 @@ long-lived WebSockets:
   (pgjones/hypercorn#307). See :func:`set_compression` and ``docs/deploy.md``
   for the measurements behind ``chatcore serve``'s default.
 
+* **Closed connections.** hypercorn's per-connection server and its protocol
+  refer to each other, so a closed connection used to wait for a full garbage
+  collection; :mod:`chatcore._hypercorn_tcp` cuts that cycle when the
+  connection ends, so reference counting frees it at once (see
+  ``docs/performance.md``, "Connection churn").
+
 * **The wire.** hypercorn inflates compressed messages before checking their
   size and drops TCP without a close frame on a WebSocket protocol error;
   :mod:`chatcore._wire_guard` bounds the one and answers the other (1002,
@@ -70,6 +76,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from ._hypercorn_tcp import release_closed_connections
 from ._logs import AccessLog
 from ._server import _ServerControl
 from ._wire_guard import answer_protocol_errors, install_deflate
@@ -275,6 +282,7 @@ async def serve(
     """
     config = config or hypercorn_config(app, access_log=access_log)
     answer_protocol_errors(True)  # close frames for protocol errors (chatcore._wire_guard)
+    _release_closed_connections()
     duplicates = [os.dup(sock.fileno()) for sock in sockets]
     config.bind = [f"fd://{fd}" for fd in duplicates]
     server = Server(app, tuple(websocket_url(sock, app.path) for sock in sockets), config=config)
@@ -302,6 +310,15 @@ async def serve(
     finally:
         for fd in duplicates:
             os.close(fd)
+
+
+def _release_closed_connections() -> None:
+    """Free closed connections at once (:mod:`chatcore._hypercorn_tcp`), or say why not."""
+    try:
+        release_closed_connections(True)
+    except RuntimeError as exc:
+        # Serving still works: closed connections wait for a full collection.
+        logger.warning("%s; closed connections are freed by the garbage collector", exc)
 
 
 def run_workers(argv: Sequence[str], sock: socket.socket, workers: int) -> int:
