@@ -54,6 +54,14 @@ SIZES = {
     "slow_readers": ("5,99", "5,99"),
     "slow_small": (20_000, 2_000),
 }
+#: Variants of ``chatcore serve`` the churn scenario also runs (``--servers``):
+#: name -> (kind, extra ``chatcore serve`` options, target).
+CHURN_VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    # hypercorn's own per-connection server: closed connections left in cycles.
+    "chatcore-serve-cycles": ("chatcore-serve", (), "chatcore_cycles:app"),
+    "chatcore-serve-no-gc-tuning": ("chatcore-serve", ("--no-gc-tuning",), ""),
+    "chatcore-lean-no-gc-tuning": ("chatcore-lean", ("--no-gc-tuning",), ""),
+}
 RATE = 100.0
 BIG_MESSAGES = 64
 BIG_SIZE = 64_000
@@ -209,11 +217,18 @@ def run_idle(kind: str, connections: int, *, timeout: float) -> dict[str, Any]:
 
 
 def run_churn(kind: str, rounds: int, connections: int, *, timeout: float) -> dict[str, Any]:
-    """``rounds`` of ``connections`` opened, joined and reset: RSS per round."""
+    """``rounds`` of ``connections`` opened, joined and reset: RSS per round.
+
+    ``kind`` may also name one of :data:`CHURN_VARIANTS`.
+    """
     deadline = time.monotonic() + timeout
     peaks: list[int] = []
     after: list[int] = []
-    with h.running_server(kind) as server:
+    server_kind, options = kind, {}
+    if kind in CHURN_VARIANTS:
+        server_kind, serve_args, target = CHURN_VARIANTS[kind]
+        options = {"serve_args": serve_args, "target": target}
+    with h.running_server(server_kind, **options) as server:
         clients = h.start_clients(server, 0, timeout=timeout)
         try:
             clients.wait_ready(deadline)
@@ -395,7 +410,8 @@ def main() -> int:
         "--servers",
         default=",".join(h.SERVERS),
         type=lambda s: [x for x in s.split(",") if x],
-        help=f"comma-separated subset of: {', '.join(h.SERVERS)} (all)",
+        help=f"comma-separated subset of: {', '.join(h.SERVERS)} (all); with "
+        f"--scenarios churn also {', '.join(CHURN_VARIANTS)}",
     )
     for name, (full, quick) in SIZES.items():
         p.add_argument(
@@ -403,6 +419,8 @@ def main() -> int:
         )
     args = p.parse_args()
     unknown = set(args.scenarios) - set(SCENARIOS) | set(args.servers) - set(h.SERVERS)
+    if args.scenarios == ["churn"]:
+        unknown -= set(CHURN_VARIANTS)
     if unknown:
         p.error(f"unknown scenarios or servers: {', '.join(sorted(unknown))}")
     size = {
