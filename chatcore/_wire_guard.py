@@ -48,8 +48,9 @@ from typing import ClassVar
 
 import wsproto.connection
 import wsproto.extensions
-from wsproto.connection import ConnectionState
+from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import CloseConnection, Event
+from wsproto.extensions import Extension
 from wsproto.frame_protocol import (
     CloseReason,
     FrameDecoder,
@@ -58,6 +59,8 @@ from wsproto.frame_protocol import (
     ParseFailed,
     RsvBits,
 )
+
+from ._frame_parser import untie_parser
 
 __all__ = [
     "AnsweringConnection",
@@ -186,6 +189,16 @@ class AnsweringConnection(wsproto.connection.Connection):
     a caller that answers close events the usual way (``event.response()``,
     as hypercorn does) sends that code and reason.
     """
+
+    def __init__(
+        self,
+        connection_type: ConnectionType,
+        extensions: list[Extension] | None = None,
+        trailing_data: bytes = b"",
+    ) -> None:
+        super().__init__(connection_type, extensions, trailing_data)
+        # Freed with the connection, not by the cycle collector (chatcore._frame_parser).
+        untie_parser(self._proto)
 
     def events(self) -> Generator[Event, None, None]:
         for event in super().events():

@@ -59,6 +59,7 @@ import wsproto.utilities
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .._exceptions import LocalProtocolError, PeerGone, RemoteProtocolError
+from .._frame_parser import untie_parser
 from .._transport import MessageStream
 from ..sansio import (
     HandshakeLimits,
@@ -474,7 +475,8 @@ class LeanStream(MessageStream):
         data = h11_connection.send(h11.InformationalResponse(status_code=101, headers=response))
         trailing, _ = h11_connection.trailing_data
         assert data is not None
-        self._proto = FrameProtocol(False, [])
+        # Freed with the connection, not by the cycle collector (chatcore._frame_parser).
+        self._proto = untie_parser(FrameProtocol(False, []))
         self._accepted = True
         if trailing:
             self._feed(bytes(trailing))
