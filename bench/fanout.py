@@ -57,8 +57,9 @@ SIZES = {
 #: Variants of ``chatcore serve`` the churn scenario also runs (``--servers``):
 #: name -> (kind, extra ``chatcore serve`` options, target).
 CHURN_VARIANTS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    # hypercorn's own per-connection server: closed connections left in cycles.
+    # As before closed connections were freed at once: left in reference cycles.
     "chatcore-serve-cycles": ("chatcore-serve", (), "chatcore_cycles:app"),
+    "chatcore-lean-cycles": ("chatcore-lean", (), "chatcore_cycles:app"),
     "chatcore-serve-no-gc-tuning": ("chatcore-serve", ("--no-gc-tuning",), ""),
     "chatcore-lean-no-gc-tuning": ("chatcore-lean", ("--no-gc-tuning",), ""),
 }
