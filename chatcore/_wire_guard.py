@@ -33,6 +33,10 @@ otherwise (the tests fail too if hypercorn moves them).
   sees a disconnect with 1006 (hypercorn reports every close it did not start
   so).
 
+:class:`AnsweringConnection` also unties wsproto's frame parser
+(:func:`chatcore._frame_parser.untie_parser`), so a closed connection's parser
+is freed at once rather than by the cyclic garbage collector.
+
 ``chatcore serve`` installs both (:func:`answer_protocol_errors` when it starts
 serving, :func:`bounded_deflate` through :func:`chatcore._serve.set_compression`).
 A plain ``hypercorn`` command line gets neither.
@@ -187,7 +191,9 @@ class AnsweringConnection(wsproto.connection.Connection):
     close frame from the peer moves the state to REMOTE_CLOSING first. This
     subclass moves the state of a failed connection to REMOTE_CLOSING too, so
     a caller that answers close events the usual way (``event.response()``,
-    as hypercorn does) sends that code and reason.
+    as hypercorn does) sends that code and reason. Its frame parser is untied
+    (:func:`chatcore._frame_parser.untie_parser`): it is freed with the
+    connection, not in a garbage collection.
     """
 
     def __init__(
