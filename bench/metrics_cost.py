@@ -316,8 +316,8 @@ def main() -> int:
 
 _INPROCESS_COLUMNS = [
     ("path", "path", "s"),
-    ("off", "metrics off", ".4g"),
-    ("on", "metrics on", ".4g"),
+    ("off", "metrics off", ",.5g"),
+    ("on", "metrics on", ",.5g"),
     ("difference", "on vs off", "s"),
 ]
 
