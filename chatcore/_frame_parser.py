@@ -7,8 +7,7 @@ When a WebSocket connection ends, that pair and what it owns (the frame and
 message decoders, the receive buffer: seven objects) reach no zero reference
 count, so they wait for CPython's cyclic garbage collector, which
 ``chatcore serve``'s collector tuning (see ``docs/deploy.md``) makes rare: on
-the lean engine RSS under connection churn grew by 16 % with the tuning and
-2 % without it.
+the lean engine RSS under connection churn grew by 13 % with the tuning.
 
 :func:`untie_parser` gives a parser that has not parsed anything yet a fresh
 generator that reaches the parser through a weak proxy. The generator is

@@ -48,10 +48,12 @@ long-lived WebSockets:
   for the measurements behind ``chatcore serve``'s default.
 
 * **Closed connections.** hypercorn's per-connection server and its protocol
-  refer to each other, so a closed connection used to wait for a full garbage
-  collection; :mod:`chatcore._hypercorn_tcp` cuts that cycle when the
-  connection ends, so reference counting frees it at once (see
-  ``docs/performance.md``, "Connection churn").
+  refer to each other, and so does wsproto's frame parser with itself, so a
+  closed connection used to wait for a full garbage collection.
+  :mod:`chatcore._hypercorn_tcp` cuts the first cycle when the connection
+  ends and :mod:`chatcore._frame_parser` the second, so reference counting
+  frees a closed connection at once (see ``docs/performance.md``,
+  "Connection churn").
 
 * **The wire.** hypercorn inflates compressed messages before checking their
   size and drops TCP without a close frame on a WebSocket protocol error;
