@@ -1,13 +1,17 @@
-"""Connection churn through hypercorn: a closed connection leaves nothing for the cycle collector.
+"""Connection churn: a closed connection leaves nothing for the cycle collector.
 
-``chatcore serve`` (in process, on 127.0.0.1) serves connections that are
-opened, joined to a room and then ended: reset (RST), closed with a close
-frame, or plain HTTP requests. The cyclic garbage collector is off
-meanwhile; once the server's tasks for those connections have ended,
-``gc.collect()`` says how many unreachable objects they left behind. The
+``chatcore serve`` (in process, on 127.0.0.1, either engine) serves
+connections that are opened, joined to a room and then ended: reset (RST),
+closed with a close frame, or plain HTTP requests. The cyclic garbage
+collector is off meanwhile; once the server's tasks for those connections
+have ended, the objects created since then that a ``gc.collect()`` frees
+(watched through weak references) are what the connections left in
+reference cycles. ``gc.collect()``'s own count would not do: it misses a
+cycle that a generator's finalizer breaks, as wsproto's parser's does. The
 clients are blocking sockets in a worker thread, so they add no cycles of
 their own. The same churn against hypercorn's own ``TCPServer`` shows what
-the measurement catches (see ``chatcore/_hypercorn_tcp.py``).
+the measurement catches (see ``chatcore/_hypercorn_tcp.py`` and
+``chatcore/_frame_parser.py``).
 """
 
 from __future__ import annotations
