@@ -75,8 +75,9 @@ import http
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import attrs
 import trio
@@ -133,6 +134,40 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return None
 
 
+class _Flag:
+    """A set-once flag with :class:`trio.Event`'s ``set`` / ``is_set`` / ``wait``.
+
+    An idle connection holds several of these and most are never waited
+    for, so the event (and its set of waiters) is made for the first waiter.
+    """
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: trio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<_Flag {'set' if self._set else 'unset'}>"
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            if self._event is not None:
+                self._event.set()
+
+    async def wait(self) -> None:
+        if self._set:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._event is None:
+            self._event = trio.Event()
+        await self._event.wait()
+
+
 class _OwnedStream(trio.abc.Stream):
     """The TCP stream as trio-websocket sees it; chatcore keeps the socket.
 
@@ -166,12 +201,17 @@ class _OwnedStream(trio.abc.Stream):
         # failed, or we released the socket. (After a peer's close frame the
         # library answers it and then calls aclose(); releasing before that
         # would cut the answer off.)
-        self.library_done = trio.Event()
+        self.library_done = _Flag()
         # The socket was closed by us; set once, never cleared.
-        self.released = trio.Event()
+        self.released = _Flag()
         # Nothing more will come from the client (EOF, reset, the library gave
         # up, or we released the socket); cuts a handshake wait short.
-        self.lost = trio.Event()
+        self.lost = _Flag()
+        # Where trio-websocket's reader task runs: shielded, because the
+        # connection actor's bounded close after a server shutdown needs the
+        # reader (the peer's answer comes through it); cancelled when the
+        # socket is released, which ends the reader on any stream.
+        self.library_scope = trio.CancelScope(shield=True)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.broken or self.released.is_set():
@@ -238,6 +278,7 @@ class _OwnedStream(trio.abc.Stream):
         self.released.set()
         self.library_done.set()
         self.lost.set()
+        self.library_scope.cancel()
         sock = _socket_of(self.inner)
         if sock is None:
             return
@@ -332,7 +373,7 @@ class TrioWebSocketStream(MessageStream):
         # close() was called; later calls wait for the first one.
         self._close_started = False
         # Set when the first close() call finished (however it ended).
-        self._close_done = trio.Event()
+        self._close_done = _Flag()
         # The first close() call completed the close handshake.
         self._close_clean = False
         # How the library's side ended, decided once (receive, send and close
@@ -625,24 +666,49 @@ async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _host_library_tasks(
-    link: _OwnedStream, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+class _LibraryNursery:
+    """The nursery trio-websocket gets: its tasks run in the connection's nursery.
+
+    :func:`trio_websocket.wrap_server_stream` starts its reader task with
+    ``nursery.start_soon``, the only nursery method it calls. Each task runs
+    inside the link's shielded :attr:`_OwnedStream.library_scope` and behind
+    a firewall (:func:`_run_library_task`), with no nursery or host task of
+    its own: an idle connection is one task lighter.
+    """
+
+    __slots__ = ("_link", "_nursery")
+
+    def __init__(self, nursery: trio.Nursery, link: _OwnedStream) -> None:
+        self._nursery = nursery
+        self._link = link
+
+    def start_soon(
+        self,
+        async_fn: Callable[..., Awaitable[object]],
+        *args: object,
+        name: object = None,
+    ) -> None:
+        self._nursery.start_soon(
+            _run_library_task, self._link, async_fn, *args, name=name or async_fn
+        )
+
+
+async def _run_library_task(
+    link: _OwnedStream, async_fn: Callable[..., Awaitable[object]], *args: object
 ) -> None:
-    """Run trio-websocket's reader task until the link is released.
+    """Run one of trio-websocket's tasks (its reader) until the link is released.
 
     Shielded, because when the server shuts down the connection actor still
     needs the reader for its bounded 1012 close (the peer's answer arrives
     through it). The link is always released after that (the actor aborts;
-    leaving :func:`open_trio_websocket_stream` drops it), which ends this.
-    A crash of the library's reader is logged and drops the link, so the
-    adapter reports the peer as gone instead of the error spreading.
+    leaving :func:`open_trio_websocket_stream` drops it), which cancels
+    :attr:`_OwnedStream.library_scope` and ends this. A crash of the task is
+    logged and drops the link, so the adapter reports the peer as gone
+    instead of the error spreading.
     """
     try:
-        with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                task_status.started(nursery)
-                await link.released.wait()
-                nursery.cancel_scope.cancel()
+        with link.library_scope:
+            await async_fn(*args)
     except Exception:
         logger.debug("trio-websocket's reader task failed; dropping the link", exc_info=True)
         link.drop(graceful=False)
@@ -688,7 +754,7 @@ def _handshake_request(
 
 
 async def _read_handshake(
-    library_nursery: trio.Nursery, link: _OwnedStream, config: Config
+    library_nursery: _LibraryNursery, link: _OwnedStream, config: Config
 ) -> trio_websocket.WebSocketRequest:
     library_request: trio_websocket.WebSocketRequest | None = None
     with trio.move_on_after(config.handshake_timeout):
@@ -697,7 +763,9 @@ async def _read_handshake(
             # sends garbage first; stop waiting when the link is lost.
             race.start_soon(_cancel_when_set, link.lost, race.cancel_scope)
             library_request = await trio_websocket.wrap_server_stream(
-                library_nursery, link, max_message_size=config.max_message_bytes
+                cast(trio.Nursery, library_nursery),
+                link,
+                max_message_size=config.max_message_bytes,
             )
             race.cancel_scope.cancel()
     if link.refusal is not None:
@@ -781,8 +849,7 @@ async def open_trio_websocket_stream(
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:
-            library_nursery: trio.Nursery = await nursery.start(_host_library_tasks, link)
-            library_request = await _read_handshake(library_nursery, link, cfg)
+            library_request = await _read_handshake(_LibraryNursery(nursery, link), link, cfg)
             transport = TrioWebSocketStream(
                 library_request, link, _handshake_request(library_request, stream)
             )
