@@ -84,7 +84,9 @@ import trio
 import trio_websocket
 import wsproto.utilities
 from wsproto.connection import ConnectionState as WsState
+from wsproto.connection import ConnectionType
 from wsproto.frame_protocol import FrameProtocol
+from wsproto.handshake import H11Handshake
 
 from .._config import Config
 from .._exceptions import ChatcoreError, LocalProtocolError, PeerGone, RemoteProtocolError
@@ -333,6 +335,34 @@ def _wsproto_state(ws: trio_websocket.WebSocketConnection) -> WsState | None:
     return state if isinstance(state, WsState) else None
 
 
+#: What an open connection's wsproto keeps in place of its own HTTP handshake
+#: (see :func:`_forget_handshake`): one shared handshake that is never fed,
+#: so it never has events.
+_FINISHED_HANDSHAKE = H11Handshake(ConnectionType.SERVER)
+
+
+def _forget_handshake(ws: trio_websocket.WebSocketConnection) -> bool:
+    """Let an open connection's HTTP/1.1 handshake state go; True if it went.
+
+    Once the WebSocket is open, wsproto's ``WSConnection`` uses its
+    ``handshake`` only to ask it for events (there are none after the
+    request was taken), yet it keeps the h11 connection that parsed the
+    request, its receive buffer and an event queue: about 3 KiB per idle
+    connection. Swapping in :data:`_FINISHED_HANDSHAKE` frees them.
+    trio-websocket's ``_wsproto`` is private, so it is read defensively: if a
+    future version renames it, nothing is freed and nothing else changes.
+    """
+    protocol = getattr(ws, "_wsproto", None)
+    if (
+        isinstance(protocol, wsproto.WSConnection)
+        and protocol.connection is not None
+        and isinstance(protocol.handshake, H11Handshake)
+    ):
+        protocol.handshake = _FINISHED_HANDSHAKE
+        return True
+    return False
+
+
 def _encode_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
@@ -362,8 +392,9 @@ class TrioWebSocketStream(MessageStream):
     ) -> None:
         #: The client's handshake.
         self.request = request
-        # trio-websocket's handshake object; used once, to accept or reject.
-        self._library_request = library_request
+        # trio-websocket's handshake object; used once, to accept or reject,
+        # then dropped (it holds the parsed request).
+        self._library_request: trio_websocket.WebSocketRequest | None = library_request
         # Our stream in front of the socket (the library reads/writes it).
         self._link = link
         # The library's connection, once accepted.
@@ -415,9 +446,11 @@ class TrioWebSocketStream(MessageStream):
         if subprotocol is not None and subprotocol not in self.request.subprotocols:
             raise LocalProtocolError(f"subprotocol {subprotocol!r} was not offered by the client")
         self._answer()
+        assert self._library_request is not None  # _answer() let us through once
+        library_request, self._library_request = self._library_request, None
         self._link.framing = True
         try:
-            self._ws = await self._library_request.accept(
+            self._ws = await library_request.accept(
                 subprotocol=subprotocol, extra_headers=extra
             )
         except _LINK_ERRORS as exc:
@@ -429,6 +462,8 @@ class TrioWebSocketStream(MessageStream):
         if self._link.broken:
             await self._link.release(graceful=False)
             raise PeerGone(None)
+        # The handshake is over: what parsed it need not stay with an idle connection.
+        _forget_handshake(self._ws)
 
     async def reject(
         self, status: int, *, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
@@ -451,8 +486,10 @@ class TrioWebSocketStream(MessageStream):
         """
         extra = _encode_headers(headers)
         self._answer()
+        assert self._library_request is not None  # _answer() let us through once
+        library_request, self._library_request = self._library_request, None
         try:
-            await self._library_request.reject(status, extra_headers=extra, body=body or None)
+            await library_request.reject(status, extra_headers=extra, body=body or None)
         except _LINK_ERRORS:
             logger.debug("client %s left before the refusal was sent", self.request.client)
         except BaseException:
@@ -853,6 +890,9 @@ async def open_trio_websocket_stream(
             transport = TrioWebSocketStream(
                 library_request, link, _handshake_request(library_request, stream)
             )
+            # The transport drops it once answered; this frame lives as long
+            # as the connection and must not keep it.
+            del library_request
             refusal = check_websocket_key(transport.request.headers)
             if refusal is not None:
                 await transport.reject(refusal.status, body=refusal.body)
