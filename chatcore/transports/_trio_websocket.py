@@ -239,6 +239,11 @@ class _OwnedStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("the link was released")
         try:
+            if self.framing and isinstance(self.inner, trio.SocketStream):
+                # Wait here, not in trio's socket layers: an idle
+                # connection's reader is parked in this one frame instead of
+                # four (about 1.5 KiB less per connection).
+                await trio.lowlevel.wait_readable(self.inner.socket)
             data = await self.inner.receive_some(max_bytes)
         except Exception:
             self.lost.set()
