@@ -93,7 +93,7 @@ from .._exceptions import ChatcoreError, LocalProtocolError, PeerGone, RemotePro
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest, Reject, RequestHeadScanner, check_websocket_key
 
-__all__ = ["TrioWebSocketStream", "open_trio_websocket_stream"]
+__all__ = ["TrioWebSocketStream", "open_trio_websocket_stream", "serve_trio_websocket_stream"]
 
 logger = logging.getLogger("chatcore.transport")
 
@@ -165,9 +165,16 @@ class _Flag:
         if self._set:
             await trio.lowlevel.checkpoint()
             return
-        if self._event is None:
-            self._event = trio.Event()
-        await self._event.wait()
+        event = self._event
+        if event is None:
+            event = self._event = trio.Event()
+        try:
+            await event.wait()
+        finally:
+            # A waiter cut short (the handshake's wait on ``lost``) must not
+            # leave its event behind for the rest of the connection.
+            if not self._set and not event.statistics().tasks_waiting:
+                self._event = None
 
 
 class _OwnedStream(trio.abc.Stream):
@@ -455,9 +462,7 @@ class TrioWebSocketStream(MessageStream):
         library_request, self._library_request = self._library_request, None
         self._link.framing = True
         try:
-            self._ws = await library_request.accept(
-                subprotocol=subprotocol, extra_headers=extra
-            )
+            self._ws = await library_request.accept(subprotocol=subprotocol, extra_headers=extra)
         except _LINK_ERRORS as exc:
             await self._link.release(graceful=False)
             raise PeerGone(None) from exc
@@ -703,7 +708,7 @@ class TrioWebSocketStream(MessageStream):
         await self._link.release(graceful=False)
 
 
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+async def _cancel_when_set(event: _Flag, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
 
@@ -891,18 +896,7 @@ async def open_trio_websocket_stream(
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:
-            library_request = await _read_handshake(_LibraryNursery(nursery, link), link, cfg)
-            transport = TrioWebSocketStream(
-                library_request, link, _handshake_request(library_request, stream)
-            )
-            # The transport drops it once answered; this frame lives as long
-            # as the connection and must not keep it.
-            del library_request
-            refusal = check_websocket_key(transport.request.headers)
-            if refusal is not None:
-                await transport.reject(refusal.status, body=refusal.body)
-                raise PeerGone(None)
-            yield transport
+            yield await _handshake(link, cfg, nursery)
         except BaseException as exc:
             failure = exc
         finally:
@@ -910,3 +904,62 @@ async def open_trio_websocket_stream(
     await link.release(graceful=False)
     if failure is not None:
         raise failure
+
+
+async def serve_trio_websocket_stream(
+    stream: trio.abc.Stream,
+    serve: Callable[[TrioWebSocketStream], Awaitable[None]],
+    *,
+    config: Config,
+    library_nursery: trio.Nursery,
+) -> None:
+    """:func:`open_trio_websocket_stream` for a server: ``await serve(transport)`` inside.
+
+    What :func:`chatcore.serve_websocket` runs for each client. It costs an
+    idle connection less than the context manager: no nursery of its own
+    (trio-websocket's reader runs in ``library_nursery``, a nursery that
+    outlives the connection, still shielded and cancelled when the socket
+    is released) and no generator frame around ``serve``.
+
+    Args:
+        stream: A freshly accepted stream, owned from here on.
+        serve: Runs the connection (e.g. :func:`chatcore.serve_connection`
+            with its handler bound).
+        config: Bounds, as for :func:`open_trio_websocket_stream`.
+        library_nursery: Where trio-websocket's reader task runs.
+
+    Raises:
+        PeerGone: as :func:`open_trio_websocket_stream`; and whatever
+            ``serve`` raises.
+
+    Cancellation: as :func:`open_trio_websocket_stream`; the socket is reset
+    unless it was closed cleanly, which also ends the reader task.
+    """
+    link = _OwnedStream(stream, RequestHeadScanner(config.handshake_limits))
+    try:
+        await serve(await _handshake(link, config, library_nursery))
+    finally:
+        link.drop(graceful=False)
+        await link.release(graceful=False)
+
+
+async def _handshake(
+    link: _OwnedStream, config: Config, nursery: trio.Nursery
+) -> TrioWebSocketStream:
+    """Read the handshake on ``link``; the library's tasks go to ``nursery``.
+
+    Raises PeerGone (the client answered, if it deserves an answer); the
+    caller drops the link.
+    """
+    library_request = await _read_handshake(_LibraryNursery(nursery, link), link, config)
+    transport = TrioWebSocketStream(
+        library_request, link, _handshake_request(library_request, link.inner)
+    )
+    # The transport drops the library's request once answered; nothing
+    # else may keep it.
+    del library_request
+    refusal = check_websocket_key(transport.request.headers)
+    if refusal is not None:
+        await transport.reject(refusal.status, body=refusal.body)
+        raise PeerGone(None)
+    return transport
