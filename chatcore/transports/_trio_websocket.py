@@ -93,7 +93,7 @@ from .._exceptions import ChatcoreError, LocalProtocolError, PeerGone, RemotePro
 from .._transport import MessageStream
 from ..sansio import HandshakeRequest, Reject, RequestHeadScanner, check_websocket_key
 
-__all__ = ["TrioWebSocketStream", "open_trio_websocket_stream", "serve_trio_websocket_stream"]
+__all__ = ["TrioWebSocketStream", "open_trio_websocket_stream"]
 
 logger = logging.getLogger("chatcore.transport")
 
