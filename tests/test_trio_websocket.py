@@ -818,7 +818,8 @@ async def _open_joined_peers(port: int, count: int, peers: list[WebSocketPeer]) 
         assert json.loads(await peer.receive_text())["type"] == "hello"
         await peer.send_text(json.dumps({"type": "join", "room": "idle", "ref": "j"}))
         reply = json.loads(await peer.receive_text())
-        assert reply["type"] == "reply" and "error" not in reply, reply
+        assert reply["type"] == "reply", reply
+        assert "error" not in reply, reply
 
 
 @pytest.fixture
