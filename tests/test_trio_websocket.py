@@ -908,6 +908,7 @@ async def test_an_open_connection_lets_go_of_its_handshake_state() -> None:
             await transport.accept()
             await client.wait_accepted()
             assert isinstance(transport, adapter.TrioWebSocketStream)
+            assert isinstance(client, WebSocketPeer)
             ws = transport._ws
             protocol = getattr(ws, "_wsproto", None)
             assert isinstance(protocol, wsproto.WSConnection)
