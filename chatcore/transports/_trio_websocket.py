@@ -63,6 +63,18 @@ see ``docs/transports.md``). Each trap and the piece that handles it:
   :class:`~chatcore.RemoteProtocolError` with wsproto's code and reason
   (1002, 1007) and :meth:`~TrioWebSocketStream.close` sends that close frame.
 
+What an idle connection holds: four tasks (the actor's three and the
+library's reader) and no more, because :func:`chatcore.serve_websocket` holds
+thousands of them. The library's reader runs in a nursery the caller already
+has (:class:`_LibraryNursery`), shielded by a scope of the link's, not in a
+host task with a nursery of its own; it waits for input in
+:meth:`_OwnedStream.receive_some`'s frame, not in trio's socket layers; the
+handshake's state (the library's request, wsproto's h11 handshake) is let go
+once the connection is open (:func:`_forget_handshake`); and the link's
+events are flags until someone waits (:class:`_Flag`). See
+``docs/performance.md`` for what each of these saved and for the floor
+(trio-websocket's own connection and reader task: about 15 KiB).
+
 Ownership of the socket: only this module closes it. A clean close (both
 close frames exchanged) ends with a FIN; everything else (abort, a broken
 send, a missed deadline) with a RST (``SO_LINGER`` 0), so the kernel discards
