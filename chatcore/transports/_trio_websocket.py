@@ -73,7 +73,7 @@ handshake's state (the library's request, wsproto's h11 handshake) is let go
 once the connection is open (:func:`_forget_handshake`); and the link's
 events are flags until someone waits (:class:`_Flag`). See
 ``docs/performance.md`` for what each of these saved and for the floor
-(trio-websocket's own connection and reader task: about 15 KiB).
+(trio-websocket's own connection and reader task: about 10 KiB).
 
 Ownership of the socket: only this module closes it. A clean close (both
 close frames exchanged) ends with a FIN; everything else (abort, a broken
