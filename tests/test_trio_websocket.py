@@ -803,6 +803,15 @@ IDLE_CONNECTIONS = 10
 IDLE_TRACED_BOUND = 32 * 1024
 
 
+def _current_coverage() -> Any:
+    """The running ``coverage.Coverage`` (pytest-cov's), if any."""
+    try:
+        import coverage
+    except ImportError:  # pragma: no cover  (a dev dependency)
+        return None
+    return coverage.Coverage.current()
+
+
 def _tasks_under(task: trio.lowlevel.Task) -> int:
     """``task`` and every task below it."""
     return 1 + sum(
@@ -874,6 +883,10 @@ async def test_an_idle_joined_connection_stays_within_its_memory_bound(
         await _open_joined_peers(port, 5, peers)  # one-off allocations happen here
         await trio.testing.wait_all_tasks_blocked()
         was_tracing = tracemalloc.is_tracing()
+        # Coverage measurement, when on, allocates per traced frame: pause it.
+        coverage = _current_coverage()
+        if coverage is not None:
+            coverage.stop()
         tracemalloc.start(32)
         try:
             gc.collect()
@@ -885,6 +898,8 @@ async def test_an_idle_joined_connection_stays_within_its_memory_bound(
         finally:
             if not was_tracing:
                 tracemalloc.stop()
+            if coverage is not None:
+                coverage.start()
     growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
     per_connection = growth / IDLE_CONNECTIONS
     assert per_connection <= IDLE_TRACED_BOUND, f"{per_connection / 1024:.1f} KiB per connection"
