@@ -434,6 +434,8 @@ class Connection:
                 complete = transport.send_nowait(frame)
                 self._frames_sent += 1
                 self._bytes_sent += len(frame)
+                if outbox.published:  # sampled for the delivery lag (rare)
+                    _observe.frame_delivered(outbox.published)
                 if not complete:
                     self._flush_due = True
                     self._writer_lot.unpark()
@@ -815,6 +817,9 @@ class Connection:
                     self._flushed = False
                     frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
                     assert frame is not None
+                    # Sampled for the delivery lag? Almost always 0.0: one read
+                    # and one test per frame (see chatcore._observe).
+                    published = outbox.published
                     if self._room_lot:
                         self._room_lot.unpark_all()
                     self._unsent = frame
@@ -833,6 +838,8 @@ class Connection:
                     self._unsent = None
                     self._frames_sent += 1
                     self._bytes_sent += len(frame)
+                    if published:
+                        _observe.frame_delivered(published)
             if stalled.cancelled_caught:
                 # Past send_timeout, past the slow-consumer time while over
                 # budget, or past the close deadline of a close requested
