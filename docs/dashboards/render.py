@@ -166,6 +166,7 @@ def main() -> int:
             + "</body></html>"
         )
         OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+        rows = math.ceil(len(panels) / 3)  # three 240 px panels to a row, as in chatcore.json
         subprocess.run(
             [
                 chromium,
@@ -174,7 +175,7 @@ def main() -> int:
                 "--disable-gpu",
                 "--hide-scrollbars",
                 f"--screenshot={OUTPUT}",
-                "--window-size=1416,760",
+                f"--window-size=1416,{40 + 240 * rows}",
                 page.as_uri(),
             ],
             check=True,
