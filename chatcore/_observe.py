@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ConnectionObserver",
     "DeliveryLagObserver",
+    "LagHistogram",
     "PublishObserver",
     "add_connection_observer",
     "add_lag_observer",
@@ -89,14 +90,25 @@ class PublishObserver(Protocol):
         """A client's join succeeded; ``recovered`` as in the answer (None: no ``since``)."""
 
 
+class LagHistogram(Protocol):
+    """Where delivery lags are counted (:class:`chatcore.metrics.Buckets`)."""
+
+    def observe(self, value: float) -> None:
+        """Count one lag in seconds (>= 0)."""
+
+
 class DeliveryLagObserver(Protocol):
     """Told the publish-to-delivery lag of sampled frames (metrics)."""
 
     #: Stamp one room publish in this many (1: every one).
     lag_sample_every: int
 
-    def observe_delivery_lag(self, seconds: float) -> None:
-        """A frame was written whose oldest message was published ``seconds`` ago (>= 0)."""
+    @property
+    def delivery_lag(self) -> LagHistogram:
+        """Counts the lag of each frame written whose oldest message was stamped.
+
+        Its ``observe`` is called directly: one call per sampled frame.
+        """
 
 
 #: The close log every connection goes through.
@@ -113,6 +125,8 @@ handler_wrapper: Callable[[ConnectionHandler, Connection], ConnectionHandler] | 
 wall_clock: Callable[[], float] = time.time
 
 _lag_observers: list[DeliveryLagObserver] = []
+# Their histograms' observe methods, called per sampled frame.
+_lag_hooks: list[Callable[[float], None]] = []
 # Publishes per stamp (the smallest any lag observer asks for; 0: no stamps)
 # and how many publishes remain until the next stamp.
 _sample_every = 0
@@ -149,6 +163,7 @@ def remove_observer(observer: object) -> None:
 
 def _resample() -> None:
     global _sample_every, _countdown
+    _lag_hooks[:] = [observer.delivery_lag.observe for observer in _lag_observers]
     _sample_every = min((max(1, o.lag_sample_every) for o in _lag_observers), default=0)
     _countdown = min(_countdown, _sample_every)
 
@@ -213,16 +228,17 @@ def frame_delivered(published: float) -> None:
     another node includes the two clocks' difference; a negative one (a
     clock behind) counts as 0.
     """
-    if not _lag_observers:
+    hooks = _lag_hooks
+    if not hooks:
         return  # stamped by another node, not measured here
     lag = wall_clock() - published
     if lag < 0.0:
         lag = 0.0
-    for observer in _lag_observers:
+    for hook in hooks:
         try:
-            observer.observe_delivery_lag(lag)
+            hook(lag)
         except Exception:
-            logger.exception("%r failed on a delivery lag", observer)
+            logger.exception("%r failed on a delivery lag", hook)
 
 
 def publish_acked(began_ns: int, connection: Connection, room: str, ok: bool) -> None:

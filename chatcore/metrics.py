@@ -261,10 +261,6 @@ class ConnectionMetrics:
         self.joins[key] += 1
         self.replayed += replayed
 
-    def observe_delivery_lag(self, seconds: float) -> None:
-        """See :class:`chatcore._observe.DeliveryLagObserver`."""
-        self.delivery_lag.observe(seconds)
-
     def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._gc_started = time.perf_counter()
