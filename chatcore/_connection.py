@@ -24,6 +24,13 @@ engine's) the pacer does not wake the writer: it writes the batch itself
 the writer runs only to wait for the socket when the kernel did not take it
 all, so frames keep their order and the send deadlines still apply.
 
+Each frame also says how late it is, cheaply: :meth:`Outbox.take_batch
+<chatcore.sansio.Outbox.take_batch>` leaves the publish stamp of the frame's
+oldest message on the outbox (``0.0`` unless the hub sampled that publish
+for the delivery-lag metric), and the writer, once the transport took the
+frame, reads it and tests it; only a stamped frame goes on to
+:func:`chatcore._observe.frame_delivered`.
+
 A burst of large messages may take an outbox over its budget
 (:attr:`Config.outbox_max_bytes`); that is not an offence. The connection is a
 slow consumer (4001) when it stays over budget while its writer completes no
