@@ -46,6 +46,8 @@ def _format(value: float, unit: str) -> str:
     if unit == "s":
         return f"{value * 1000:.3g} ms"
     if unit == "bytes":
+        if value >= 1024 * 1024:
+            return f"{value / (1024 * 1024):.3g} MiB"
         return f"{value / 1024:.3g} KiB"
     if unit == "percentunit":
         return f"{value * 100:.3g} %"
