@@ -362,13 +362,14 @@ class Dispatcher:
         # to rooms it is not in.
         connection = member.connection
         began = _observe.publish_began()  # None unless metrics/tracing observe publishes
-        stamp = _observe.publish_stamp()  # 0.0 unless this publish's lag is sampled
         room = member.rooms.get(message.room)
         if room is None:
             answer_error(
                 connection, message.ref, ErrorCode.NOT_JOINED, "join the room before publishing"
             )
             return
+        # Before the application's hook: its time is part of the delivery lag.
+        stamp = _observe.publish_stamp()  # 0.0 unless this publish's lag is sampled
         data = message.data
         if self._on_publish is not None:
             try:

@@ -357,9 +357,9 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
                 JSON-serialisable (nothing was published).
             BackplaneError: the backplane is unavailable (nothing was published).
         """
-        stamp = _observe.publish_stamp()  # 0.0 unless this publish's lag is sampled
         if not valid_room(room):
             raise ValueError(f"invalid room name {room!r}")
+        stamp = _observe.publish_stamp()  # 0.0 unless this publish's lag is sampled
         position = await sequence(self.backplane, room, sender, data, None, stamp)
         self._dispatcher.published += 1
         return position.offset
