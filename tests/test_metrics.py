@@ -357,3 +357,52 @@ def test_a_clock_behind_the_origin_counts_as_no_lag(
     _observe.frame_delivered(999.0)
     assert every_publish.delivery_lag.cumulative()[0] == ("0.0005", 1)
     assert every_publish.delivery_lag.sum == 1.0
+
+
+async def test_delivery_lag_on_the_lean_engine_counts_its_socket_writes(
+    every_publish: ConnectionMetrics,
+) -> None:
+    from tests.test_lean_engine import lean_server
+
+    hub = Hub(config=HubConfig(publish_rate=1000, publish_burst=1000))
+    lag = every_publish.delivery_lag
+    with trio.fail_after(10):
+        async with lean_server(ASGIApp(hub, metrics_path=None)) as (_, port):
+            url = f"ws://127.0.0.1:{port}/ws"
+            async with open_test_client(url) as ann, open_test_client(url) as bob:
+                await ann.join("r")
+                await bob.join("r")
+                assert sum(lag.counts) == 0
+                await ann.publish("r", "hi")
+                await bob.expect("message", data="hi")
+                await ann.expect("message", data="hi")
+                # Written by the pacer straight to each socket: two frames,
+                # each measured once, on the real clock (well under a second).
+                assert dict(lag.cumulative())["1.0"] == sum(lag.counts) == 2
+
+
+class _BrokenHistogram:
+    def observe(self, value: float) -> None:
+        raise RuntimeError("broken")
+
+
+class _BrokenObserver:
+    lag_sample_every = 1
+    delivery_lag = _BrokenHistogram()
+
+
+def test_a_failing_lag_observer_is_logged_and_delivery_goes_on(
+    every_publish: ConnectionMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = _BrokenObserver()
+    _observe.add_lag_observer(broken)
+    try:
+        _observe.frame_delivered(_observe.wall_clock())
+    finally:
+        _observe.remove_observer(broken)
+    assert sum(every_publish.delivery_lag.counts) == 1  # the others still count it
+    assert "failed on a delivery lag" in caplog.text
+    every_publish.close()
+    # A closed observer is told nothing more.
+    _observe.frame_delivered(_observe.wall_clock())
+    assert sum(every_publish.delivery_lag.counts) == 1

@@ -94,11 +94,13 @@ async def test_prometheus_reads_a_single_process_server(tmp_path: Path) -> None:
         assert await prometheus.value("chatcore_publish_duration_seconds_count") == 505
         # Frames whose oldest message is one of the burst's stamped publishes.
         lagged = await prometheus.value("chatcore_delivery_lag_seconds_count")
-        assert lagged is not None and lagged > 3
+        assert lagged is not None
+        assert lagged > 3
         p99 = await prometheus.value(
             "histogram_quantile(0.99, sum by (le) (chatcore_delivery_lag_seconds_bucket))"
         )
-        assert p99 is not None and 0 < p99 <= 10.0
+        assert p99 is not None
+        assert 0 < p99 <= 10.0
         assert await prometheus.value("chatcore_backplane_degraded") == 0
         assert await prometheus.value("chatcore_scheduler_lag_seconds_count") > 0  # type: ignore[operator]
         assert await prometheus.value("process_resident_memory_bytes") > 0  # type: ignore[operator]
