@@ -73,18 +73,28 @@ SENDER: contextvars.ContextVar[Member | None] = contextvars.ContextVar(
 MessageHandler: TypeAlias = Callable[[Session, AppMessage], Awaitable[Any]]
 
 
-async def sequence(
+def sequence(
     backplane: Backplane, room: str, sender: str | None, data: Any, nonce: str | None, stamp: float
-) -> Position:
+) -> Awaitable[Position]:
     """:meth:`Backplane.publish`, with the delivery-lag ``stamp`` when it is not 0.
 
     ``stamp``: what :func:`chatcore._observe.publish_stamp` gave where the hub
     accepted the message; it reaches the backplane as
     :data:`chatcore._backplane.published_at` (the backplane contract stays as
     it is, and a backplane that ignores it is simply not measured).
+
+    Returns:
+        What to await: the backplane's own coroutine when ``stamp`` is 0 (no
+        extra frame for the publishes that are not sampled).
     """
     if not stamp:
-        return await backplane.publish(room, sender, data, nonce)
+        return backplane.publish(room, sender, data, nonce)
+    return _publish_stamped(backplane, room, sender, data, nonce, stamp)
+
+
+async def _publish_stamped(
+    backplane: Backplane, room: str, sender: str | None, data: Any, nonce: str | None, stamp: float
+) -> Position:
     token = published_at.set(stamp)
     try:
         return await backplane.publish(room, sender, data, nonce)
