@@ -40,6 +40,7 @@ same contract across processes and nodes.
 from __future__ import annotations
 
 import abc
+import contextvars
 import secrets
 from collections import OrderedDict
 from typing import Any, Protocol, TypeAlias, runtime_checkable
@@ -77,6 +78,18 @@ __all__ = [
     "RoomReset",
     "Sequenced",
 ]
+
+
+#: The wall-clock time (:func:`time.time`) the hub accepted the room message
+#: being published, when that publish is sampled for the delivery-lag metric;
+#: ``0.0`` otherwise. The hub sets it around :meth:`Backplane.publish`. A
+#: backplane that carries it stamps the message it hands to every node with
+#: it (:attr:`OutboundMessage.published
+#: <chatcore.sansio.OutboundMessage.published>`), never the stored copy that
+#: replays hand out; one that ignores it is simply not measured.
+published_at: contextvars.ContextVar[float] = contextvars.ContextVar(
+    "chatcore.published_at", default=0.0
+)
 
 
 class BackplaneError(ChatcoreError):
@@ -413,6 +426,7 @@ class LocalBackplane(Backplane):
         self, room: str, sender: str | None, data: Any, nonce: str | None
     ) -> Position:
         """See :meth:`Backplane.publish` (synchronous delivery)."""
+        stamp = published_at.get()
         await trio.lowlevel.checkpoint()
         store = self._store(room)
         history = store.history
@@ -425,6 +439,9 @@ class LocalBackplane(Backplane):
         if self._budget.over:
             self._shrink()
         if self._sink is not None:
+            if stamp:
+                # The live delivery only: a replay of the history is not lag.
+                message = attrs.evolve(message, published=stamp)
             self._sink.backplane_event(Sequenced(room, store.epoch, offset, message, nonce))
         return Position(store.epoch, offset)
 

@@ -24,6 +24,13 @@ engine's) the pacer does not wake the writer: it writes the batch itself
 the writer runs only to wait for the socket when the kernel did not take it
 all, so frames keep their order and the send deadlines still apply.
 
+Each frame also says how late it is, cheaply: :meth:`Outbox.take_batch
+<chatcore.sansio.Outbox.take_batch>` leaves the publish stamp of the frame's
+oldest message on the outbox (``0.0`` unless the hub sampled that publish
+for the delivery-lag metric), and the writer, once the transport took the
+frame, reads it and tests it; only a stamped frame goes on to
+:func:`chatcore._observe.frame_delivered`.
+
 A burst of large messages may take an outbox over its budget
 (:attr:`Config.outbox_max_bytes`); that is not an offence. The connection is a
 slow consumer (4001) when it stays over budget while its writer completes no
@@ -434,6 +441,8 @@ class Connection:
                 complete = transport.send_nowait(frame)
                 self._frames_sent += 1
                 self._bytes_sent += len(frame)
+                if outbox.published:  # sampled for the delivery lag (rare)
+                    _observe.frame_delivered(outbox.published)
                 if not complete:
                     self._flush_due = True
                     self._writer_lot.unpark()
@@ -815,6 +824,9 @@ class Connection:
                     self._flushed = False
                     frame = outbox.take_batch(cfg.batch_max_bytes, cfg.batch_max_messages)
                     assert frame is not None
+                    # Sampled for the delivery lag? Almost always 0.0: one read
+                    # and one test per frame (see chatcore._observe).
+                    published = outbox.published
                     if self._room_lot:
                         self._room_lot.unpark_all()
                     self._unsent = frame
@@ -833,6 +845,8 @@ class Connection:
                     self._unsent = None
                     self._frames_sent += 1
                     self._bytes_sent += len(frame)
+                    if published:
+                        _observe.frame_delivered(published)
             if stalled.cancelled_caught:
                 # Past send_timeout, past the slow-consumer time while over
                 # budget, or past the close deadline of a close requested

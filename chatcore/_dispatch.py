@@ -39,7 +39,7 @@ from typing import Any, TypeAlias
 import trio
 
 from . import _observe
-from ._backplane import Backplane, BackplaneError
+from ._backplane import Backplane, BackplaneError, Position, published_at
 from ._connection import Connection
 from ._presence_relay import PresenceRelay
 from ._rooms import Room, RoomRegistry
@@ -61,7 +61,7 @@ from .sansio._protocol import (
     parse_client_message,
 )
 
-__all__ = ["SENDER", "Dispatcher", "MessageHandler", "outbox_busy"]
+__all__ = ["SENDER", "Dispatcher", "MessageHandler", "outbox_busy", "sequence"]
 
 #: The member whose message handler (or a task it started) is running: what
 #: the handler makes the server do on its behalf is charged to it.
@@ -71,6 +71,35 @@ SENDER: contextvars.ContextVar[Member | None] = contextvars.ContextVar(
 
 #: ``handler(session, message) -> reply data``; raise :class:`ErrorReply` to refuse.
 MessageHandler: TypeAlias = Callable[[Session, AppMessage], Awaitable[Any]]
+
+
+def sequence(
+    backplane: Backplane, room: str, sender: str | None, data: Any, nonce: str | None, stamp: float
+) -> Awaitable[Position]:
+    """:meth:`Backplane.publish`, with the delivery-lag ``stamp`` when it is not 0.
+
+    ``stamp``: what :func:`chatcore._observe.publish_stamp` gave where the hub
+    accepted the message; it reaches the backplane as
+    :data:`chatcore._backplane.published_at` (the backplane contract stays as
+    it is, and a backplane that ignores it is simply not measured).
+
+    Returns:
+        What to await: the backplane's own coroutine when ``stamp`` is 0 (no
+        extra frame for the publishes that are not sampled).
+    """
+    if not stamp:
+        return backplane.publish(room, sender, data, nonce)
+    return _publish_stamped(backplane, room, sender, data, nonce, stamp)
+
+
+async def _publish_stamped(
+    backplane: Backplane, room: str, sender: str | None, data: Any, nonce: str | None, stamp: float
+) -> Position:
+    token = published_at.set(stamp)
+    try:
+        return await backplane.publish(room, sender, data, nonce)
+    finally:
+        published_at.reset(token)
 
 
 def outbox_busy(connection: Connection) -> bool:
@@ -349,6 +378,8 @@ class Dispatcher:
                 connection, message.ref, ErrorCode.NOT_JOINED, "join the room before publishing"
             )
             return
+        # Before the application's hook: its time is part of the delivery lag.
+        stamp = _observe.publish_stamp()  # 0.0 unless this publish's lag is sampled
         data = message.data
         if self._on_publish is not None:
             try:
@@ -362,7 +393,9 @@ class Dispatcher:
         nonce = f"{self.backplane.node_id}:{next(self._nonces)}"
         self.registry.expect_publish(nonce, connection, message.ref)
         try:
-            position = await self.backplane.publish(room.name, member.session.user, data, nonce)
+            position = await sequence(
+                self.backplane, room.name, member.session.user, data, nonce, stamp
+            )
         except BackplaneError as exc:
             answer_error(
                 connection, message.ref, ErrorCode.UNAVAILABLE, str(exc) or "try again later"

@@ -42,6 +42,7 @@ from typing import Any, TypeAlias
 import attrs
 import trio
 
+from . import _observe
 from ._backplane import (
     Backplane,
     BackplaneEvent,
@@ -54,7 +55,7 @@ from ._backplane import (
 )
 from ._config import Config
 from ._connection import Connection, ConnectionHandler
-from ._dispatch import SENDER, Dispatcher, MessageHandler
+from ._dispatch import SENDER, Dispatcher, MessageHandler, sequence
 from ._hub_config import HubConfig, HubStatistics
 from ._presence_relay import PresenceRelay
 from ._rooms import Room, RoomRegistry, RoomStatistics
@@ -358,7 +359,8 @@ class Hub(ConnectionHandler, BackplaneSink, ServedHandler):
         """
         if not valid_room(room):
             raise ValueError(f"invalid room name {room!r}")
-        position = await self.backplane.publish(room, sender, data, None)
+        stamp = _observe.publish_stamp()  # 0.0 unless this publish's lag is sampled
+        position = await sequence(self.backplane, room, sender, data, None, stamp)
         self._dispatcher.published += 1
         return position.offset
 

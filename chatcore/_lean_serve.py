@@ -150,13 +150,18 @@ class LeanServer(_ServerControl):
         app = self.app
         cfg = app.config
         head: HandshakeHead | None = None
+        client: tuple[str, int] | None = None
         try:
             with trio.move_on_after(cfg.handshake_timeout):
                 head = await read_request_head(sock, cfg.handshake_limits)
             if head is None:
                 return  # no whole request in time: dropped
+            client = head.client
             if head.websocket_upgrade:
                 stream = await self._answer_refusals(sock, head, access_log)
+                # The stream drops the h11 state once it answered; this frame
+                # must not keep it alive for the connection's life (~2 KiB).
+                head = None
                 if stream is not None:
                     # Served from this task (one coroutine frame less per
                     # connection than a helper that serves it).
@@ -174,7 +179,7 @@ class LeanServer(_ServerControl):
             if await write_all(sock, response):
                 await _linger_close(sock)
         except BaseException as exc:
-            _firewall(exc, head.client if head else None)
+            _firewall(exc, client)
         finally:
             drop_socket(sock, graceful=False)  # a no-op if already closed
             self.clients -= 1

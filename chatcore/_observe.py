@@ -8,7 +8,18 @@ nothing is installed is the point of this module:
   :func:`connection_ended`; the close log (:class:`~chatcore._logs.CloseLog`)
   is always installed, metrics and tracing add themselves;
 * per publish: :data:`publish_hooks` is read once; while it is empty the
-  dispatcher does nothing more.
+  dispatcher does nothing more;
+* per frame written: one attribute of the outbox is read and tested (see
+  below); nothing more unless the frame's oldest message was sampled.
+
+The delivery lag (publish to frame written) is sampled where it is cheap: the
+hub asks :func:`publish_stamp` once per room publish, which stamps one
+publish in :attr:`DeliveryLagObserver.lag_sample_every` with the wall-clock
+time (and none while nobody observes the lag). The stamp travels with the
+message (:attr:`OutboundMessage.published
+<chatcore.sansio.OutboundMessage.published>`, one per publish, shared by
+every outbox), across nodes too; a connection that writes a frame whose
+oldest message carries one calls :func:`frame_delivered`.
 
 Hooks never raise into chatcore: an exception is logged and the hook is kept.
 """
@@ -17,28 +28,32 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from ._logs import CloseLog
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from ._connection import Connection, ConnectionHandler
 
 __all__ = [
     "ConnectionObserver",
+    "DeliveryLagObserver",
+    "LagHistogram",
     "PublishObserver",
     "add_connection_observer",
+    "add_lag_observer",
     "add_publish_observer",
     "close_log",
     "connection_ended",
     "connection_started",
+    "frame_delivered",
     "join_done",
     "publish_acked",
     "publish_began",
+    "publish_stamp",
     "remove_observer",
 ]
 
@@ -75,6 +90,27 @@ class PublishObserver(Protocol):
         """A client's join succeeded; ``recovered`` as in the answer (None: no ``since``)."""
 
 
+class LagHistogram(Protocol):
+    """Where delivery lags are counted (:class:`chatcore.metrics.Buckets`)."""
+
+    def observe(self, value: float) -> None:
+        """Count one lag in seconds (>= 0)."""
+
+
+class DeliveryLagObserver(Protocol):
+    """Told the publish-to-delivery lag of sampled frames (metrics)."""
+
+    #: Stamp one room publish in this many (1: every one).
+    lag_sample_every: int
+
+    @property
+    def delivery_lag(self) -> LagHistogram:
+        """Counts the lag of each frame written whose oldest message was stamped.
+
+        Its ``observe`` is called directly: one call per sampled frame.
+        """
+
+
 #: The close log every connection goes through.
 close_log = CloseLog()
 
@@ -83,6 +119,18 @@ _connection_observers: list[ConnectionObserver] = []
 publish_hooks: list[PublishObserver] = []
 #: Set by tracing: wraps the handler of each connection (its handshake span).
 handler_wrapper: Callable[[ConnectionHandler, Connection], ConnectionHandler] | None = None
+
+
+#: The wall clock stamps and lags are read from (a test may put a virtual one here).
+wall_clock: Callable[[], float] = time.time
+
+_lag_observers: list[DeliveryLagObserver] = []
+# Their histograms' observe methods, called per sampled frame.
+_lag_hooks: list[Callable[[float], None]] = []
+# Publishes per stamp (the smallest any lag observer asks for; 0: no stamps)
+# and how many publishes remain until the next stamp.
+_sample_every = 0
+_countdown = 0
 
 
 def add_connection_observer(observer: ConnectionObserver) -> None:
@@ -97,11 +145,27 @@ def add_publish_observer(observer: PublishObserver) -> None:
         publish_hooks.append(observer)
 
 
+def add_lag_observer(observer: DeliveryLagObserver) -> None:
+    """Stamp room publishes and tell ``observer`` the lag of sampled frames (idempotent)."""
+    if observer not in _lag_observers:
+        _lag_observers.append(observer)
+    _resample()
+
+
 def remove_observer(observer: object) -> None:
     """Stop telling ``observer`` anything (no error if it was not added)."""
-    for registry in (_connection_observers, publish_hooks):
+    registries: tuple[list[Any], ...] = (_connection_observers, publish_hooks, _lag_observers)
+    for registry in registries:
         while observer in registry:
-            registry.remove(observer)  # type: ignore[arg-type]
+            registry.remove(observer)
+    _resample()
+
+
+def _resample() -> None:
+    global _sample_every, _countdown
+    _lag_hooks[:] = [observer.delivery_lag.observe for observer in _lag_observers]
+    _sample_every = min((max(1, o.lag_sample_every) for o in _lag_observers), default=0)
+    _countdown = min(_countdown, _sample_every)
 
 
 def connection_started(
@@ -137,6 +201,44 @@ def connection_ended(connection: Connection, started: float) -> None:
 def publish_began() -> int | None:
     """When a client publish or join was taken up, or ``None`` when nobody observes them."""
     return time.time_ns() if publish_hooks else None
+
+
+def publish_stamp() -> float:
+    """The wall-clock time to stamp a room publish with, or ``0.0`` (not sampled).
+
+    Called by the hub once per room publish, where it accepts it: one in
+    :attr:`DeliveryLagObserver.lag_sample_every` gets :func:`time.time`,
+    none while nobody observes the delivery lag. (``wall_clock()``, which is
+    :func:`time.time` outside tests.)
+    """
+    global _countdown
+    if not _sample_every:
+        return 0.0
+    _countdown -= 1
+    if _countdown > 0:
+        return 0.0
+    _countdown = _sample_every
+    return wall_clock()
+
+
+def frame_delivered(published: float) -> None:
+    """A frame whose oldest message was stamped ``published`` was written now.
+
+    The lag is wall-clock time since the stamp, so a message stamped on
+    another node includes the two clocks' difference; a negative one (a
+    clock behind) counts as 0.
+    """
+    hooks = _lag_hooks
+    if not hooks:
+        return  # stamped by another node, not measured here
+    lag = wall_clock() - published
+    if lag < 0.0:
+        lag = 0.0
+    for hook in hooks:
+        try:
+            hook(lag)
+        except Exception:
+            logger.exception("%r failed on a delivery lag", hook)
 
 
 def publish_acked(began_ns: int, connection: Connection, room: str, ok: bool) -> None:

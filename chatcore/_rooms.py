@@ -32,7 +32,7 @@ import trio
 
 from ._backplane import Backplane, BackplaneError
 from ._connection import Connection
-from ._session import Member, Session, answer
+from ._session import Member, Session
 from .sansio import (
     Emit,
     EpochChanged,
@@ -48,7 +48,7 @@ from .sansio import (
     UserDisconnect,
     UserMessage,
 )
-from .sansio._protocol import Ref
+from .sansio._protocol import Ref, encode_reply
 
 __all__ = ["Room", "RoomRegistry", "RoomStatistics"]
 
@@ -315,7 +315,12 @@ class RoomRegistry:
             waiting = self._awaiting.pop(item.nonce, None)
             if waiting is not None:
                 publisher, ref = waiting
-                answer(publisher, ref, {"offset": item.offset})
+                reply = encode_reply(ref, {"offset": item.offset})
+                if item.message.published:
+                    # Sampled: the reply goes out just before the message, in the
+                    # same frame, so it carries the stamp that frame is measured by.
+                    reply = attrs.evolve(reply, published=item.message.published)
+                publisher.offer(reply)
 
     def schedule_repair(self, name: str) -> None:
         """Ask :meth:`run_repairs` to bring room ``name`` up to date (if it is open here)."""

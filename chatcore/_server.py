@@ -33,6 +33,7 @@ Serving functions:
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,7 +54,7 @@ from .transports._asgi_stream import (
     ASGIStream,
     deny_websocket,
 )
-from .transports._trio_websocket import _describe_peer, open_trio_websocket_stream
+from .transports._trio_websocket import _describe_peer, serve_trio_websocket_stream
 
 __all__ = [
     "HandlerHealth",
@@ -262,13 +263,20 @@ def _firewall(exc: BaseException, client: object) -> None:
 
 
 async def _serve_client(
-    stream: trio.SocketStream, handler: ConnectionHandler, config: Config
+    stream: trio.SocketStream,
+    handler: ConnectionHandler,
+    config: Config,
+    library_nursery: trio.Nursery,
 ) -> None:
     """One client of :func:`serve_websocket`, behind an exception firewall."""
     client, _ = _describe_peer(stream)
     try:
-        async with open_trio_websocket_stream(stream, config=config) as transport:
-            await serve_connection(transport, handler, config=config)
+        await serve_trio_websocket_stream(
+            stream,
+            functools.partial(serve_connection, handler=handler, config=config),
+            config=config,
+            library_nursery=library_nursery,
+        )
     except PeerGone:
         server_logger.debug("client %s: no WebSocket handshake; dropped", client)
     except BaseException as exc:
@@ -320,10 +328,12 @@ async def serve_websocket(
     cfg = config or handler.connection_config or Config()
     listeners = await trio.open_tcp_listeners(port, host=host)
 
-    async def serve_client(stream: trio.SocketStream) -> None:
-        await _serve_client(stream, handler, cfg)
-
     async with trio.open_nursery() as nursery:
+
+        async def serve_client(stream: trio.SocketStream) -> None:
+            # trio-websocket's reader tasks run beside the clients' tasks.
+            await _serve_client(stream, handler, cfg, handler_nursery or nursery)
+
         # The handler's background work (a hub's backplane and presence timer).
         await nursery.start(handler.run)
         await trio.serve_listeners(

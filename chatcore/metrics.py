@@ -22,6 +22,13 @@ durations are counted once per connection, publish latency once per client
 publish, GC pauses once per collection, scheduler lag once per probe. A
 :class:`Buckets` observation is one ``bisect`` and two additions.
 
+Rule 2b: the publish-to-delivery lag is sampled. The hub stamps one room
+publish in :data:`LAG_SAMPLE_EVERY` with the wall-clock time (once per
+publish, on the message every outbox shares), the stamp travels with the
+message across nodes, and a connection observes a frame only when its oldest
+message carries one: per frame the hot path reads one attribute and tests
+it (see :mod:`chatcore._observe`).
+
 Rule 3: few labels. No room, user or connection labels; close codes outside
 a fixed set are labelled ``other``.
 
@@ -54,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LAG_PROBE_INTERVAL",
+    "LAG_SAMPLE_EVERY",
     "Buckets",
     "ChatcoreCollector",
     "ConnectionMetrics",
@@ -73,12 +81,17 @@ logger = logging.getLogger("chatcore.metrics")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Seconds between two wake-ups of the scheduler-lag probe.
 LAG_PROBE_INTERVAL = 0.25
+#: One room publish in this many is stamped for the delivery-lag histogram.
+LAG_SAMPLE_EVERY = 8
 
 # Bucket bounds (seconds unless said otherwise).
 DURATION_BUCKETS = (1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 4 * 3600.0, 24 * 3600.0)
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+DELIVERY_LAG_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 OUTBOX_BUCKETS = (0.0, 1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0)
 
 
@@ -140,10 +153,15 @@ class ConnectionMetrics:
     """What chatcore counts for metrics, process-wide (see the module docs).
 
     One per process (:func:`connection_metrics`); it observes every
-    connection, client publish and join, and the garbage collector.
+    connection, client publish and join, the delivery lag of sampled
+    frames, and the garbage collector.
+
+    Args:
+        lag_sample_every: Stamp one room publish in this many for the
+            delivery-lag histogram (1: every one).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, lag_sample_every: int = LAG_SAMPLE_EVERY) -> None:
         # Open connections (a weak set: a connection is never kept alive here).
         self.live: weakref.WeakSet[Connection] = weakref.WeakSet()
         #: Handshakes by HTTP status (101 accepted).
@@ -164,6 +182,9 @@ class ConnectionMetrics:
         self.joins = {"none": 0, "recovered": 0, "not_recovered": 0}
         self.replayed = 0
         self.gc_pauses = [Buckets(GC_BUCKETS) for _ in range(3)]
+        #: Sampled frames by how long after its publish their oldest message went out.
+        self.delivery_lag = Buckets(DELIVERY_LAG_BUCKETS)
+        self.lag_sample_every = lag_sample_every
         self.scheduler_lag = Buckets(LAG_BUCKETS)
         #: The largest scheduler lag seen by the probe since the last scrape.
         self.scheduler_lag_max = 0.0
@@ -171,6 +192,7 @@ class ConnectionMetrics:
         self._probing: set[int] = set()  # trio runs with a lag probe
         _observe.add_connection_observer(self)
         _observe.add_publish_observer(self)
+        _observe.add_lag_observer(self)
         gc.callbacks.append(self._gc_callback)
 
     def __repr__(self) -> str:
@@ -398,6 +420,12 @@ def _families(app: ASGIApp, metrics: ConnectionMetrics) -> Iterator[Metric]:
         "chatcore_publish_duration_seconds",
         "From a client's publish frame to the backplane's acknowledgement.",
         metrics.publish,
+    )
+    yield histogram(
+        "chatcore_delivery_lag_seconds",
+        "From a room message's publish at its origin node to a frame carrying it"
+        " being written to a member here (sampled; across nodes includes clock skew).",
+        metrics.delivery_lag,
     )
     yield counter(
         "chatcore_publish_failures",

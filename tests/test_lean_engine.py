@@ -9,12 +9,14 @@ conformance suite (``test_conformance.py``).
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import h11
 import pytest
 import trio
 
@@ -229,6 +231,27 @@ async def test_hub_messages_and_close_codes() -> None:
             frames = await read_until_gone(peer)
             assert CloseFrame(4321, "bye") in frames
             await peer.aclose()
+
+
+def _server_side_h11_connections() -> int:
+    return sum(
+        1 for o in gc.get_objects() if isinstance(o, h11.Connection) and o.our_role is h11.SERVER
+    )
+
+
+async def test_an_open_connection_keeps_no_http_state() -> None:
+    # Once the handshake is answered nothing holds the server's h11 connection
+    # (about 2 KiB per idle connection).
+    before = _server_side_h11_connections()
+    with trio.fail_after(TIMEOUT):
+        async with lean_server() as (_, port):
+            url = f"ws://127.0.0.1:{port}/ws"
+            async with open_test_client(url) as ann, open_test_client(url) as bob:
+                await ann.join("r")
+                await bob.join("r")
+                assert _server_side_h11_connections() == before
+                await ann.send({"type": "publish", "room": "r", "data": "still served"})
+                assert (await bob.expect("message"))["data"] == "still served"
 
 
 async def test_an_oversize_message_gets_1009() -> None:

@@ -10,13 +10,14 @@ from __future__ import annotations
 import gc
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import trio
 from conftest import TEST_CONFIG
 from prometheus_client.parser import text_string_to_metric_families
 
-from chatcore import Hub, HubConfig, Identity, Reject
+from chatcore import Hub, HubConfig, Identity, Reject, Session, _observe
 from chatcore.asgi import ASGIApp
 from chatcore.metrics import (
     Buckets,
@@ -225,3 +226,183 @@ async def test_messages_per_frame_show_batching(
     assert added('chatcore_messages_per_frame_bucket{le="+Inf"}') == 1
     assert added("chatcore_messages_per_frame_sum") == 10
     assert added("chatcore_messages_per_frame_count") == 1
+
+
+# -- the publish-to-delivery lag ---------------------------------------------------------
+
+
+@pytest.fixture
+def virtual_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stamps and lags read from trio's clock (virtual under autojump_clock)."""
+    monkeypatch.setattr(_observe, "wall_clock", lambda: 1.7e9 + trio.current_time())
+
+
+@pytest.fixture
+def every_publish() -> Iterator[ConnectionMetrics]:
+    observed = ConnectionMetrics(lag_sample_every=1)
+    yield observed
+    observed.close()
+
+
+async def wait_then_pass(session: Session, room: str, data: Any) -> Any:
+    """An on_publish hook that takes ``data["wait"]`` seconds (after the stamp)."""
+    await trio.sleep(data.get("wait", 0) if isinstance(data, dict) else 0)
+    return data
+
+
+def lag_added(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Observations added per upper bound (not cumulative), and the count."""
+    added: dict[str, float] = {}
+    below = 0.0
+    for key, value in after.items():
+        if key.startswith("chatcore_delivery_lag_seconds_bucket"):
+            bound = key.split('"')[1]
+            cumulative = value - before.get(key, 0.0)
+            added[bound] = cumulative - below
+            below = cumulative
+    added["count"] = after["chatcore_delivery_lag_seconds_count"] - before.get(
+        "chatcore_delivery_lag_seconds_count", 0.0
+    )
+    return {k: v for k, v in added.items() if v}
+
+
+async def test_delivery_lag_counts_each_members_frame_in_its_bucket(
+    every_publish: ConnectionMetrics,
+    virtual_wall_clock: None,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub = Hub(
+        on_publish=wait_then_pass,
+        config=HubConfig(publish_rate=1000, publish_burst=1000),
+        connection_config=TEST_CONFIG,
+    )
+    app = ASGIApp(hub, metrics_path=None)
+    async with (
+        open_test_client(hub, user="alice") as alice,
+        open_test_client(hub, user="bob") as bob,
+        open_test_client(hub, user="carol") as carol,
+    ):
+        await alice.join("lobby")
+        await bob.join("lobby")
+        await carol.join("elsewhere")
+        start = scrape(app, every_publish)
+        # The hook holds the publish 0.3 s after the frame was taken up: each
+        # member's frame carrying it (alice's with her reply) is 0.3 s late.
+        await alice.publish("lobby", {"wait": 0.3})
+        await bob.expect("message", data={"wait": 0.3})
+        await alice.expect("message", data={"wait": 0.3})
+        slow = scrape(app, every_publish)
+        assert lag_added(start, slow) == {"0.5": 2, "count": 2}
+        assert slow["chatcore_delivery_lag_seconds_sum"] - start.get(
+            "chatcore_delivery_lag_seconds_sum", 0
+        ) == pytest.approx(0.6, abs=1e-3)
+        # From the server side, delivered at once.
+        await hub.publish("lobby", "now", sender="system")
+        await bob.expect("message", data="now")
+        await alice.expect("message", data="now")
+        prompt = scrape(app, every_publish)
+        assert lag_added(slow, prompt) == {"0.0005": 2, "count": 2}
+        # Messages outside a room's order are not publishes: not measured.
+        await hub.broadcast("lobby", {"type": "typing"})
+        assert hub.send_to_connection(bob.connection.id, {"type": "note"})
+        await bob.expect("typing")
+        await bob.expect("note")
+        await alice.expect("typing")
+        assert lag_added(prompt, scrape(app, every_publish)) == {}
+        await carol.assert_nothing_received()
+
+
+async def test_delivery_lag_samples_one_publish_in_n(
+    virtual_wall_clock: None, autojump_clock: trio.testing.MockClock
+) -> None:
+    sampled = ConnectionMetrics(lag_sample_every=3)
+    try:
+        hub, app = make_app()
+        async with open_test_client(hub, user="dave") as dave:
+            await dave.join("r")
+            for n in range(6):
+                await hub.publish("r", n)
+                await dave.expect("message", data=n)  # one frame per message
+            samples = scrape(app, sampled)
+        assert samples["chatcore_delivery_lag_seconds_count"] == 2
+        assert samples['chatcore_delivery_lag_seconds_bucket{le="0.0005"}'] == 2
+    finally:
+        sampled.close()
+
+
+async def test_a_replay_is_not_delivery_lag(
+    every_publish: ConnectionMetrics,
+    virtual_wall_clock: None,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hub, app = make_app()
+    async with open_test_client(hub, user="erin") as erin:
+        joined = await erin.join("r")
+        await erin.leave("r")
+        await hub.publish("r", "old")  # stamped, stored, delivered to nobody
+        await trio.sleep(60)
+        replayed = await erin.join("r", since={"epoch": joined["epoch"], "offset": 0})
+        assert replayed["recovered"]
+        await erin.expect("message", data="old")
+        samples = scrape(app, every_publish)
+    # The recovery replay is history, not a delivery 60 s late.
+    assert samples["chatcore_delivery_lag_seconds_count"] == 0
+
+
+def test_a_clock_behind_the_origin_counts_as_no_lag(
+    every_publish: ConnectionMetrics, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_observe, "wall_clock", lambda: 1000.0)
+    _observe.frame_delivered(1002.5)  # stamped by a node whose clock is ahead
+    _observe.frame_delivered(999.0)
+    assert every_publish.delivery_lag.cumulative()[0] == ("0.0005", 1)
+    assert every_publish.delivery_lag.sum == 1.0
+
+
+async def test_delivery_lag_on_the_lean_engine_counts_its_socket_writes(
+    every_publish: ConnectionMetrics,
+) -> None:
+    from tests.test_lean_engine import lean_server
+
+    hub = Hub(config=HubConfig(publish_rate=1000, publish_burst=1000))
+    lag = every_publish.delivery_lag
+    with trio.fail_after(10):
+        async with lean_server(ASGIApp(hub, metrics_path=None)) as (_, port):
+            url = f"ws://127.0.0.1:{port}/ws"
+            async with open_test_client(url) as ann, open_test_client(url) as bob:
+                await ann.join("r")
+                await bob.join("r")
+                assert sum(lag.counts) == 0
+                await ann.publish("r", "hi")
+                await bob.expect("message", data="hi")
+                await ann.expect("message", data="hi")
+                # Written by the pacer straight to each socket: two frames,
+                # each measured once, on the real clock (well under a second).
+                assert dict(lag.cumulative())["1.0"] == sum(lag.counts) == 2
+
+
+class _BrokenHistogram:
+    def observe(self, value: float) -> None:
+        raise RuntimeError("broken")
+
+
+class _BrokenObserver:
+    lag_sample_every = 1
+    delivery_lag = _BrokenHistogram()
+
+
+def test_a_failing_lag_observer_is_logged_and_delivery_goes_on(
+    every_publish: ConnectionMetrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = _BrokenObserver()
+    _observe.add_lag_observer(broken)
+    try:
+        _observe.frame_delivered(_observe.wall_clock())
+    finally:
+        _observe.remove_observer(broken)
+    assert sum(every_publish.delivery_lag.counts) == 1  # the others still count it
+    assert "failed on a delivery lag" in caplog.text
+    every_publish.close()
+    # A closed observer is told nothing more.
+    _observe.frame_delivered(_observe.wall_clock())
+    assert sum(every_publish.delivery_lag.counts) == 1

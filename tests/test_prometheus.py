@@ -68,6 +68,10 @@ async def test_prometheus_reads_a_single_process_server(tmp_path: Path) -> None:
         await prometheus.wait_for("chatcore_messages_published_total", 5)
         await prometheus.wait_for('chatcore_handshakes_total{status="404"}', 1)
         await prometheus.wait_for("chatcore_rooms", 1)
+        # The first publish of every LAG_SAMPLE_EVERY is stamped: the three
+        # frames carrying it (the publisher's with its reply) are measured.
+        await prometheus.wait_for("chatcore_delivery_lag_seconds_count", 3)
+        await prometheus.wait_for('chatcore_delivery_lag_seconds_bucket{le="1.0"}', 3)
         # A client that stops reading while the room gets ~2 MB: cut off.
         slow = await stack.enter_async_context(peer_of(server.port, receive_buffer=4096))
         assert (await receive_message(slow))["type"] == "hello"
@@ -88,6 +92,15 @@ async def test_prometheus_reads_a_single_process_server(tmp_path: Path) -> None:
         assert (await prometheus.value("chatcore_deliveries_total")) >= 505 * 3  # type: ignore[operator]
         assert (await prometheus.value("chatcore_frames_sent_total")) > 0  # type: ignore[operator]
         assert await prometheus.value("chatcore_publish_duration_seconds_count") == 505
+        # Frames whose oldest message is one of the burst's stamped publishes.
+        lagged = await prometheus.value("chatcore_delivery_lag_seconds_count")
+        assert lagged is not None
+        assert lagged > 3
+        p99 = await prometheus.value(
+            "histogram_quantile(0.99, sum by (le) (chatcore_delivery_lag_seconds_bucket))"
+        )
+        assert p99 is not None
+        assert 0 < p99 <= 10.0
         assert await prometheus.value("chatcore_backplane_degraded") == 0
         assert await prometheus.value("chatcore_scheduler_lag_seconds_count") > 0  # type: ignore[operator]
         assert await prometheus.value("process_resident_memory_bytes") > 0  # type: ignore[operator]

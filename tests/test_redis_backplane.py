@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -35,8 +36,11 @@ from chatcore import (
     RoomReset,
     Sequenced,
 )
+from chatcore._backplane import published_at
+from chatcore._dispatch import sequence
+from chatcore.metrics import ConnectionMetrics
 from chatcore.redis import RedisBackplane
-from chatcore.redis._records import ROUND_TRIP_BOUNDS
+from chatcore.redis._records import ROUND_TRIP_BOUNDS, nonce_field, parse_nonce_field
 from chatcore.sansio import (
     Delivery,
     HandshakeRequest,
@@ -706,6 +710,85 @@ async def test_recovery_across_hubs(redis_server: RedisServer) -> None:
             stale = await again.request("join", room="q", since={"epoch": "x", "offset": 3})
             assert stale["data"]["recovered"] is False
         assert [m["data"] for m in await h2.history("r", 2)] == ["two", "three"]
+
+
+# -- the publish time, for the delivery-lag metric ------------------------------------------
+
+
+def test_the_nonce_line_carries_the_publish_time_and_reads_old_records() -> None:
+    assert nonce_field("n0:7", 0.0) == "n0:7"  # not sampled: the line as before
+    assert nonce_field(None, 0.0) == ""
+    assert parse_nonce_field(nonce_field("n0:7", 1765132200.123456).encode()) == (
+        "n0:7",
+        1765132200.123456,
+    )
+    assert parse_nonce_field(nonce_field(None, 1.5).encode()) == (None, 1.5)
+    # A record of a node that does not stamp: the nonce, nothing measured.
+    assert parse_nonce_field(b"n0:7") == ("n0:7", 0.0)
+    assert parse_nonce_field(b"") == (None, 0.0)
+    # A tab that is not followed by a stamp belongs to the nonce.
+    assert parse_nonce_field(b"odd\tnode:1") == ("odd\tnode:1", 0.0)
+
+
+async def test_the_publish_time_reaches_the_other_node_but_not_the_stream(
+    redis_server: RedisServer,
+) -> None:
+    async with open_nodes(redis_server.url, 2) as (origin, other):
+        other.backplane.watch("r")
+        await other.backplane.position("r")
+        stamped = published_at.set(1765132200.25)
+        try:
+            await origin.backplane.publish("r", "u", "sampled", "n0:1")
+        finally:
+            published_at.reset(stamped)
+        position = await origin.backplane.publish("r", "u", "not sampled", "n0:2")
+        await eventually(lambda: len(other.sink.delivered) == 2)
+        first, second = other.sink.delivered
+        assert (first.nonce, first.message.published) == ("n0:1", 1765132200.25)
+        assert (second.nonce, second.message.published) == ("n0:2", 0.0)
+        # What the stream keeps (replays, recovery) carries no publish time.
+        replayed = await other.backplane.replay("r", position.epoch, 0, position.offset) or []
+        assert [item.message.published for item in replayed] == [0.0, 0.0]
+        assert replayed[0].message.text == first.message.text
+
+
+async def test_delivery_lag_on_another_node_is_measured_from_the_origin(
+    redis_server: RedisServer,
+) -> None:
+    metrics = ConnectionMetrics(lag_sample_every=1)
+    lag = metrics.delivery_lag
+
+    def counts() -> dict[str, float]:
+        return dict(lag.cumulative())
+
+    try:
+        async with (
+            open_hubs(redis_server.url, 2) as (origin, other),
+            open_test_client(other, user="reader") as reader,
+        ):
+            await reader.join("r")
+            # Stamped by the origin hub where it is published, measured here
+            # when the reader's frame is written: well under a second.
+            await origin.publish("r", "hello")
+            await reader.expect("message", data="hello")
+            assert counts()["1.0"] == counts()["+Inf"] == 1
+            # The origin's clock runs 2 s behind: the lag measured here is
+            # its stamp's age (clock skew included), not this node's.
+            await sequence(origin.backplane, "r", None, "behind", None, time.time() - 2.0)
+            await reader.expect("message", data="behind")
+            assert counts()["+Inf"] == 2
+            assert counts()["2.5"] - counts()["1.0"] == 1
+            # A clock ahead of this node's gives a negative lag: counted as 0.
+            await sequence(origin.backplane, "r", None, "ahead", None, time.time() + 5.0)
+            await reader.expect("message", data="ahead")
+            assert counts()["+Inf"] == 3
+            assert counts()["0.0005"] == 1
+            # A record without a stamp (an unsampled publish, an older node).
+            await sequence(origin.backplane, "r", None, "unstamped", None, 0.0)
+            await reader.expect("message", data="unstamped")
+            assert counts()["+Inf"] == 3
+    finally:
+        metrics.close()
 
 
 # -- Redis failures -------------------------------------------------------------------------

@@ -789,3 +789,148 @@ async def test_serve_websocket_is_exported_at_the_top() -> None:
 
     assert chatcore.serve_websocket is serve_websocket
     assert chatcore._server.serve_websocket is serve_websocket
+
+
+# -- what an idle connection costs ---------------------------------------------------------
+
+#: Joined, idle connections the memory test opens (tracing every allocation
+#: is slow, so few; the bound leaves room for one-off growth of a set or dict).
+IDLE_CONNECTIONS = 10
+#: Python heap per idle joined connection on ``serve_websocket`` with a
+#: :class:`chatcore.Hub`, traced by ``tracemalloc``. Measured on CPython 3.11:
+#: 26-28 KiB (37 KiB before the transport shed a task, a nursery, the
+#: handshake state and trio's socket frames; see docs/performance.md).
+IDLE_TRACED_BOUND = 32 * 1024
+
+
+def _current_coverage() -> Any:
+    """The running ``coverage.Coverage`` (pytest-cov's), if any."""
+    try:
+        import coverage
+    except ImportError:  # pragma: no cover  (a dev dependency)
+        return None
+    return coverage.Coverage.current()
+
+
+def _tasks_under(task: trio.lowlevel.Task) -> int:
+    """``task`` and every task below it."""
+    return 1 + sum(
+        _tasks_under(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+    )
+
+
+async def _open_joined_peers(port: int, count: int, peers: list[WebSocketPeer]) -> None:
+    for _ in range(count):
+        peer = await WebSocketPeer.connect(HOST, port, "/")
+        peers.append(peer)
+        await peer.wait_accepted()
+        assert json.loads(await peer.receive_text())["type"] == "hello"
+        await peer.send_text(json.dumps({"type": "join", "room": "idle", "ref": "j"}))
+        reply = json.loads(await peer.receive_text())
+        assert reply["type"] == "reply", reply
+        assert "error" not in reply, reply
+
+
+@pytest.fixture
+async def hub_server(nursery: trio.Nursery) -> AsyncIterator[tuple[int, trio.lowlevel.Task]]:
+    """``serve_websocket`` with a Hub; yields its port and the task it runs in."""
+    from chatcore import Hub
+
+    server_task: list[trio.lowlevel.Task] = []
+
+    async def run(*, task_status: trio.TaskStatus[list[trio.SocketListener]]) -> None:
+        server_task.append(trio.lowlevel.current_task())
+        await serve_websocket(Hub(), HOST, 0, config=BASE_CONFIG, task_status=task_status)
+
+    listeners: list[trio.SocketListener] = await nursery.start(run)
+    yield listeners[0].socket.getsockname()[1], server_task[0]
+    nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_joined_connection_runs_four_tasks(
+    hub_server: tuple[int, trio.lowlevel.Task], peers: list[WebSocketPeer]
+) -> None:
+    """The client's task (the actor), its reader and writer, trio-websocket's reader.
+
+    Fails if trio-websocket's reader gets a host task or nursery of its own
+    again, or if ``wrap_server_stream`` starts using more of the nursery than
+    ``start_soon`` (the handshake would fail).
+    """
+    port, server_task = hub_server
+    with trio.fail_after(TIMEOUT):
+        await _open_joined_peers(port, 2, peers)
+        await trio.testing.wait_all_tasks_blocked()
+        before = _tasks_under(server_task)
+        await _open_joined_peers(port, 5, peers)
+        await trio.testing.wait_all_tasks_blocked()
+        assert _tasks_under(server_task) - before == 5 * 4
+
+
+async def test_an_idle_joined_connection_stays_within_its_memory_bound(
+    hub_server: tuple[int, trio.lowlevel.Task], peers: list[WebSocketPeer]
+) -> None:
+    """Python heap per connection over many connections, the clients' own excluded.
+
+    The clients run in this test's task, so every allocation of theirs has
+    this file in its traceback; the server's tasks never do.
+    """
+    import gc
+    import tracemalloc
+
+    port, _ = hub_server
+    own = tracemalloc.Filter(False, __file__, all_frames=True)
+    with trio.fail_after(TIMEOUT * 3):
+        await _open_joined_peers(port, 5, peers)  # one-off allocations happen here
+        await trio.testing.wait_all_tasks_blocked()
+        was_tracing = tracemalloc.is_tracing()
+        # Coverage measurement, when on, allocates per traced frame: pause it.
+        coverage = _current_coverage()
+        if coverage is not None:
+            coverage.stop()
+        tracemalloc.start(32)
+        try:
+            gc.collect()
+            before = tracemalloc.take_snapshot().filter_traces([own])
+            await _open_joined_peers(port, IDLE_CONNECTIONS, peers)
+            await trio.testing.wait_all_tasks_blocked()
+            gc.collect()
+            after = tracemalloc.take_snapshot().filter_traces([own])
+        finally:
+            if not was_tracing:
+                tracemalloc.stop()
+            if coverage is not None:
+                coverage.start()
+    growth = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+    per_connection = growth / IDLE_CONNECTIONS
+    assert per_connection <= IDLE_TRACED_BOUND, f"{per_connection / 1024:.1f} KiB per connection"
+    # Not vacuous: a connection's own state is counted (trio's task, the
+    # library's connection and buffers, the hub's session).
+    assert per_connection >= 10 * 1024, f"{per_connection / 1024:.1f} KiB per connection"
+
+
+async def test_an_open_connection_lets_go_of_its_handshake_state() -> None:
+    """trio-websocket's private ``_wsproto`` still holds wsproto's ``WSConnection``.
+
+    Fails loudly if a trio-websocket upgrade renames it (the transport would
+    then silently keep the h11 handshake state, about 3 KiB per connection).
+    """
+    import wsproto
+
+    from chatcore.transports import _trio_websocket as adapter
+
+    with trio.fail_after(TIMEOUT):
+        async with open_trio_websocket_pair() as (transport, client):
+            await transport.accept()
+            await client.wait_accepted()
+            assert isinstance(transport, adapter.TrioWebSocketStream)
+            assert isinstance(client, WebSocketPeer)
+            ws = transport._ws
+            protocol = getattr(ws, "_wsproto", None)
+            assert isinstance(protocol, wsproto.WSConnection)
+            assert protocol.handshake is adapter._FINISHED_HANDSHAKE
+            assert transport._library_request is None
+            # The connection still works without it.
+            await client.send_text("ping")
+            assert await transport.receive() == "ping"
+            await transport.send("pong")
+            assert await client.receive_text() == "pong"

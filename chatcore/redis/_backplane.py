@@ -33,6 +33,7 @@ from .._backplane import (
     Reconnected,
     RoomReset,
     Sequenced,
+    published_at,
 )
 from ..sansio import (
     NodeEvent,
@@ -62,7 +63,9 @@ from ._records import (
     as_str,
     describe,
     is_link_error,
+    nonce_field,
     parse_entries,
+    parse_nonce_field,
     push_buffer,
     redirect_of,
 )
@@ -385,7 +388,7 @@ class RedisBackplane(Backplane):
             JSON.encode(room),
             JSON.encode(sender),
             JSON.encode(data),
-            nonce or "",
+            nonce_field(nonce, published_at.get()),
             str(self.history.max_messages),
             self._channel(room).decode(),
             self._log_ttl_ms,
@@ -728,7 +731,14 @@ class RedisBackplane(Backplane):
         return True
 
     def _deliver(
-        self, room: str, state: RoomState, epoch: str, offset: int, text: str, nonce: str | None
+        self,
+        room: str,
+        state: RoomState,
+        epoch: str,
+        offset: int,
+        text: str,
+        nonce: str | None,
+        published: float = 0.0,
     ) -> None:
         if not self._observe_epoch(room, state, epoch):
             # An epoch this room left behind (a late message of a lost order):
@@ -744,7 +754,7 @@ class RedisBackplane(Backplane):
         else:
             self._duplicates += 1
         self._delivered += 1
-        self._emit(Sequenced(room, epoch, offset, text_message(text), nonce))
+        self._emit(Sequenced(room, epoch, offset, text_message(text, published), nonce))
 
     # -- incoming ---------------------------------------------------------
 
@@ -782,14 +792,16 @@ class RedisBackplane(Backplane):
             self._on_broadcast(room, data)
             return
         try:
-            offset, epoch, nonce, text = data.split(b"\n", 3)
+            offset, epoch, field, text = data.split(b"\n", 3)
+            nonce, published = parse_nonce_field(field)
             self._deliver(
                 room,
                 self._rooms[room],
                 epoch.decode(),
                 int(offset),
                 text.decode(),
-                nonce.decode() or None,
+                nonce,
+                published,
             )
         except ValueError:
             logger.warning("%s: ignored a malformed message on %r", self.node_id, channel)

@@ -237,6 +237,32 @@ def as_list(value: object) -> list[Any]:
     raise BackplaneError(f"unexpected reply from Redis: {value!r}")
 
 
+def nonce_field(nonce: str | None, published: float) -> str:
+    """The third line of a room message on its channel: nonce, then the stamp.
+
+    ``published`` (the origin's :func:`time.time`, see
+    :data:`chatcore._backplane.published_at`) goes after a tab as whole
+    microseconds, only on sampled messages (17 bytes). A node that does not
+    know the stamp takes the whole line for the nonce, which matches no
+    publish of its own: mixed versions stay compatible both ways.
+    """
+    if not published:
+        return nonce or ""
+    return f"{nonce or ''}\t{round(published * 1e6)}"
+
+
+def parse_nonce_field(field: bytes) -> tuple[str | None, float]:
+    """``(nonce or None, published or 0.0)`` of a :func:`nonce_field` line.
+
+    A line without a stamp (an older node, or not sampled) gives ``0.0``;
+    so does a malformed stamp (the message is delivered, not measured).
+    """
+    nonce, tab, stamp = field.rpartition(b"\t")
+    if not tab or not stamp.isdigit():
+        return field.decode() or None, 0.0
+    return nonce.decode() or None, int(stamp) / 1e6
+
+
 def parse_entries(raw: Iterable[Any]) -> Iterable[tuple[int, int, str]]:
     """(offset, appended at ms, text) of raw XRANGE entries."""
     for entry in raw:

@@ -29,7 +29,9 @@ JSON: Final = _WireJSON()
 
 #: Sequence, store and publish one room message (Rule 1).
 #: KEYS: meta, log. ARGV: fresh epoch, room JSON, sender JSON, data JSON,
-#: nonce, max messages, channel, log TTL ms (0: none), meta TTL ms (0: none),
+#: nonce field (the nonce, and a sampled message's publish time after a tab:
+#: see ``_records.nonce_field``; only on the channel, never in the stream),
+#: max messages, channel, log TTL ms (0: none), meta TTL ms (0: none),
 #: max bytes (0 or absent: none).
 #: The stream is trimmed from its old end by count (up to 64 more may
 #: be kept, as ``MAXLEN ~`` would) and by the bytes of its texts, counted in

@@ -65,12 +65,18 @@ class OutboundMessage:
         delivery: Durable or ephemeral (see :class:`Delivery`).
         key: For ephemeral messages, a coalescing key: a queued message with the
             same key is replaced by this one (latest wins).
+        published: For a room message sampled for the delivery-lag metric, the
+            wall-clock time (:func:`time.time`, seconds) its origin node
+            accepted it; ``0.0`` for every other message. Set once per
+            publish: every outbox it is offered to shares it. Not part of
+            equality.
     """
 
     text: str
     nbytes: int
     delivery: Delivery = Delivery.DURABLE
     key: str | None = None
+    published: float = attrs.field(default=0.0, eq=False)
 
 
 # Line and paragraph separators that some line splitters (str.splitlines, old
@@ -205,12 +211,13 @@ _EMPTY: deque[_Slot | OutboundMessage] = deque(maxlen=0)
 
 
 class _Slot:
-    __slots__ = ("key", "nbytes", "text")
+    __slots__ = ("key", "nbytes", "published", "text")
 
-    def __init__(self, text: str, nbytes: int, key: str | None) -> None:
+    def __init__(self, text: str, nbytes: int, key: str | None, published: float) -> None:
         self.text = text
         self.nbytes = nbytes
         self.key = key
+        self.published = published
 
 
 class Outbox:
@@ -245,6 +252,7 @@ class Outbox:
         "max_bytes",
         "max_messages",
         "nbytes",
+        "published",
     )
 
     def __init__(
@@ -282,6 +290,9 @@ class Outbox:
         self.nbytes = 0
         #: Ephemeral messages dropped for lack of room, since creation.
         self.dropped = 0
+        #: :attr:`OutboundMessage.published` of the first (oldest) message of
+        #: the last batch taken: the frame's lag, when its origin sampled it.
+        self.published = 0.0
         # FIFO of queued messages; keyed ones are also indexed by key so a newer
         # message with the same key can replace them in place.
         self._queue = _EMPTY
@@ -324,6 +335,7 @@ class Outbox:
                 total.release(slot.text, slot.nbytes)
                 slot.text = message.text
                 slot.nbytes = message.nbytes
+                slot.published = message.published
                 self.nbytes = grown
                 return PushResult.COALESCED
         nbytes = message.nbytes
@@ -339,7 +351,7 @@ class Outbox:
             queue.append(message)
         else:
             # Coalescing rewrites it in place: this outbox's own slot.
-            slot = _Slot(message.text, nbytes, key)
+            slot = _Slot(message.text, nbytes, key, message.published)
             queue.append(slot)
             self._keyed[key] = slot
         self.nbytes += nbytes
@@ -373,6 +385,8 @@ class Outbox:
 
         Takes at least one message (even one larger than ``max_bytes``), then
         more while the frame stays within ``max_bytes`` and ``max_messages``.
+        Sets :attr:`published` from the first one (one attribute per frame,
+        not per message: the oldest message is the frame's lag).
 
         Returns:
             The messages joined with ``"\\n"``, or ``None`` if the queue is empty.
@@ -382,6 +396,7 @@ class Outbox:
             return None
         total = self._total
         first = queue.popleft()
+        self.published = first.published
         if first.key is not None:
             self._forget(first)
         total.release(first.text, first.nbytes)

@@ -345,9 +345,13 @@ def parse_client_message(text: str) -> ClientMessage | BadFrame:
 # -- server -> client ---------------------------------------------------------
 
 
-def text_message(text: str) -> OutboundMessage:
-    """A durable message from already encoded JSON ``text`` (its UTF-8 size counted)."""
-    return OutboundMessage(text, len(text) if text.isascii() else len(text.encode()))
+def text_message(text: str, published: float = 0.0) -> OutboundMessage:
+    """A durable message from already encoded JSON ``text`` (its UTF-8 size counted).
+
+    ``published``: see :attr:`OutboundMessage.published`.
+    """
+    nbytes = len(text) if text.isascii() else len(text.encode())
+    return OutboundMessage(text, nbytes, Delivery.DURABLE, None, published)
 
 
 def encode_hello(

@@ -63,6 +63,18 @@ see ``docs/transports.md``). Each trap and the piece that handles it:
   :class:`~chatcore.RemoteProtocolError` with wsproto's code and reason
   (1002, 1007) and :meth:`~TrioWebSocketStream.close` sends that close frame.
 
+What an idle connection holds: four tasks (the actor's three and the
+library's reader) and no more, because :func:`chatcore.serve_websocket` holds
+thousands of them. The library's reader runs in a nursery the caller already
+has (:class:`_LibraryNursery`), shielded by a scope of the link's, not in a
+host task with a nursery of its own; it waits for input in
+:meth:`_OwnedStream.receive_some`'s frame, not in trio's socket layers; the
+handshake's state (the library's request, wsproto's h11 handshake) is let go
+once the connection is open (:func:`_forget_handshake`); and the link's
+events are flags until someone waits (:class:`_Flag`). See
+``docs/performance.md`` for what each of these saved and for the floor
+(trio-websocket's own connection and reader task: about 10 KiB).
+
 Ownership of the socket: only this module closes it. A clean close (both
 close frames exchanged) ends with a FIN; everything else (abort, a broken
 send, a missed deadline) with a RST (``SO_LINGER`` 0), so the kernel discards
@@ -75,15 +87,18 @@ import http
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import cast
 
 import attrs
 import trio
 import trio_websocket
 import wsproto.utilities
 from wsproto.connection import ConnectionState as WsState
+from wsproto.connection import ConnectionType
 from wsproto.frame_protocol import FrameProtocol
+from wsproto.handshake import H11Handshake
 
 from .._config import Config
 from .._exceptions import ChatcoreError, LocalProtocolError, PeerGone, RemoteProtocolError
@@ -133,6 +148,47 @@ def _socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return None
 
 
+class _Flag:
+    """A set-once flag with :class:`trio.Event`'s ``set`` / ``is_set`` / ``wait``.
+
+    An idle connection holds several of these and most are never waited
+    for, so the event (and its set of waiters) is made for the first waiter.
+    """
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: trio.Event | None = None
+
+    def __repr__(self) -> str:
+        return f"<_Flag {'set' if self._set else 'unset'}>"
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            if self._event is not None:
+                self._event.set()
+
+    async def wait(self) -> None:
+        if self._set:
+            await trio.lowlevel.checkpoint()
+            return
+        event = self._event
+        if event is None:
+            event = self._event = trio.Event()
+        try:
+            await event.wait()
+        finally:
+            # A waiter cut short (the handshake's wait on ``lost``) must not
+            # leave its event behind for the rest of the connection.
+            if not self._set and not event.statistics().tasks_waiting:
+                self._event = None
+
+
 class _OwnedStream(trio.abc.Stream):
     """The TCP stream as trio-websocket sees it; chatcore keeps the socket.
 
@@ -166,12 +222,17 @@ class _OwnedStream(trio.abc.Stream):
         # failed, or we released the socket. (After a peer's close frame the
         # library answers it and then calls aclose(); releasing before that
         # would cut the answer off.)
-        self.library_done = trio.Event()
+        self.library_done = _Flag()
         # The socket was closed by us; set once, never cleared.
-        self.released = trio.Event()
+        self.released = _Flag()
         # Nothing more will come from the client (EOF, reset, the library gave
         # up, or we released the socket); cuts a handshake wait short.
-        self.lost = trio.Event()
+        self.lost = _Flag()
+        # Where trio-websocket's reader task runs: shielded, because the
+        # connection actor's bounded close after a server shutdown needs the
+        # reader (the peer's answer comes through it); cancelled when the
+        # socket is released, which ends the reader on any stream.
+        self.library_scope = trio.CancelScope(shield=True)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.broken or self.released.is_set():
@@ -197,6 +258,11 @@ class _OwnedStream(trio.abc.Stream):
             await trio.lowlevel.checkpoint()
             raise trio.ClosedResourceError("the link was released")
         try:
+            if self.framing and isinstance(self.inner, trio.SocketStream):
+                # Wait here, not in trio's socket layers: an idle
+                # connection's reader is parked in this one frame instead of
+                # four (about 1.5 KiB less per connection).
+                await trio.lowlevel.wait_readable(self.inner.socket)
             data = await self.inner.receive_some(max_bytes)
         except Exception:
             self.lost.set()
@@ -238,6 +304,7 @@ class _OwnedStream(trio.abc.Stream):
         self.released.set()
         self.library_done.set()
         self.lost.set()
+        self.library_scope.cancel()
         sock = _socket_of(self.inner)
         if sock is None:
             return
@@ -292,6 +359,34 @@ def _wsproto_state(ws: trio_websocket.WebSocketConnection) -> WsState | None:
     return state if isinstance(state, WsState) else None
 
 
+#: What an open connection's wsproto keeps in place of its own HTTP handshake
+#: (see :func:`_forget_handshake`): one shared handshake that is never fed,
+#: so it never has events.
+_FINISHED_HANDSHAKE = H11Handshake(ConnectionType.SERVER)
+
+
+def _forget_handshake(ws: trio_websocket.WebSocketConnection) -> bool:
+    """Let an open connection's HTTP/1.1 handshake state go; True if it went.
+
+    Once the WebSocket is open, wsproto's ``WSConnection`` uses its
+    ``handshake`` only to ask it for events (there are none after the
+    request was taken), yet it keeps the h11 connection that parsed the
+    request, its receive buffer and an event queue: about 3 KiB per idle
+    connection. Swapping in :data:`_FINISHED_HANDSHAKE` frees them.
+    trio-websocket's ``_wsproto`` is private, so it is read defensively: if a
+    future version renames it, nothing is freed and nothing else changes.
+    """
+    protocol = getattr(ws, "_wsproto", None)
+    if (
+        isinstance(protocol, wsproto.WSConnection)
+        and protocol.connection is not None
+        and isinstance(protocol.handshake, H11Handshake)
+    ):
+        protocol.handshake = _FINISHED_HANDSHAKE
+        return True
+    return False
+
+
 def _encode_headers(headers: tuple[tuple[str, str], ...]) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
@@ -321,8 +416,9 @@ class TrioWebSocketStream(MessageStream):
     ) -> None:
         #: The client's handshake.
         self.request = request
-        # trio-websocket's handshake object; used once, to accept or reject.
-        self._library_request = library_request
+        # trio-websocket's handshake object; used once, to accept or reject,
+        # then dropped (it holds the parsed request).
+        self._library_request: trio_websocket.WebSocketRequest | None = library_request
         # Our stream in front of the socket (the library reads/writes it).
         self._link = link
         # The library's connection, once accepted.
@@ -332,7 +428,7 @@ class TrioWebSocketStream(MessageStream):
         # close() was called; later calls wait for the first one.
         self._close_started = False
         # Set when the first close() call finished (however it ended).
-        self._close_done = trio.Event()
+        self._close_done = _Flag()
         # The first close() call completed the close handshake.
         self._close_clean = False
         # How the library's side ended, decided once (receive, send and close
@@ -374,11 +470,11 @@ class TrioWebSocketStream(MessageStream):
         if subprotocol is not None and subprotocol not in self.request.subprotocols:
             raise LocalProtocolError(f"subprotocol {subprotocol!r} was not offered by the client")
         self._answer()
+        assert self._library_request is not None  # _answer() let us through once
+        library_request, self._library_request = self._library_request, None
         self._link.framing = True
         try:
-            self._ws = await self._library_request.accept(
-                subprotocol=subprotocol, extra_headers=extra
-            )
+            self._ws = await library_request.accept(subprotocol=subprotocol, extra_headers=extra)
         except _LINK_ERRORS as exc:
             await self._link.release(graceful=False)
             raise PeerGone(None) from exc
@@ -388,6 +484,8 @@ class TrioWebSocketStream(MessageStream):
         if self._link.broken:
             await self._link.release(graceful=False)
             raise PeerGone(None)
+        # The handshake is over: what parsed it need not stay with an idle connection.
+        _forget_handshake(self._ws)
 
     async def reject(
         self, status: int, *, body: bytes = b"", headers: tuple[tuple[str, str], ...] = ()
@@ -410,8 +508,10 @@ class TrioWebSocketStream(MessageStream):
         """
         extra = _encode_headers(headers)
         self._answer()
+        assert self._library_request is not None  # _answer() let us through once
+        library_request, self._library_request = self._library_request, None
         try:
-            await self._library_request.reject(status, extra_headers=extra, body=body or None)
+            await library_request.reject(status, extra_headers=extra, body=body or None)
         except _LINK_ERRORS:
             logger.debug("client %s left before the refusal was sent", self.request.client)
         except BaseException:
@@ -620,29 +720,54 @@ class TrioWebSocketStream(MessageStream):
         await self._link.release(graceful=False)
 
 
-async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+async def _cancel_when_set(event: _Flag, scope: trio.CancelScope) -> None:
     await event.wait()
     scope.cancel()
 
 
-async def _host_library_tasks(
-    link: _OwnedStream, *, task_status: trio.TaskStatus[trio.Nursery] = trio.TASK_STATUS_IGNORED
+class _LibraryNursery:
+    """The nursery trio-websocket gets: its tasks run in the connection's nursery.
+
+    :func:`trio_websocket.wrap_server_stream` starts its reader task with
+    ``nursery.start_soon``, the only nursery method it calls. Each task runs
+    inside the link's shielded :attr:`_OwnedStream.library_scope` and behind
+    a firewall (:func:`_run_library_task`), with no nursery or host task of
+    its own: an idle connection is one task lighter.
+    """
+
+    __slots__ = ("_link", "_nursery")
+
+    def __init__(self, nursery: trio.Nursery, link: _OwnedStream) -> None:
+        self._nursery = nursery
+        self._link = link
+
+    def start_soon(
+        self,
+        async_fn: Callable[..., Awaitable[object]],
+        *args: object,
+        name: object = None,
+    ) -> None:
+        self._nursery.start_soon(
+            _run_library_task, self._link, async_fn, *args, name=name or async_fn
+        )
+
+
+async def _run_library_task(
+    link: _OwnedStream, async_fn: Callable[..., Awaitable[object]], *args: object
 ) -> None:
-    """Run trio-websocket's reader task until the link is released.
+    """Run one of trio-websocket's tasks (its reader) until the link is released.
 
     Shielded, because when the server shuts down the connection actor still
     needs the reader for its bounded 1012 close (the peer's answer arrives
     through it). The link is always released after that (the actor aborts;
-    leaving :func:`open_trio_websocket_stream` drops it), which ends this.
-    A crash of the library's reader is logged and drops the link, so the
-    adapter reports the peer as gone instead of the error spreading.
+    leaving :func:`open_trio_websocket_stream` drops it), which cancels
+    :attr:`_OwnedStream.library_scope` and ends this. A crash of the task is
+    logged and drops the link, so the adapter reports the peer as gone
+    instead of the error spreading.
     """
     try:
-        with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                task_status.started(nursery)
-                await link.released.wait()
-                nursery.cancel_scope.cancel()
+        with link.library_scope:
+            await async_fn(*args)
     except Exception:
         logger.debug("trio-websocket's reader task failed; dropping the link", exc_info=True)
         link.drop(graceful=False)
@@ -688,7 +813,7 @@ def _handshake_request(
 
 
 async def _read_handshake(
-    library_nursery: trio.Nursery, link: _OwnedStream, config: Config
+    library_nursery: _LibraryNursery, link: _OwnedStream, config: Config
 ) -> trio_websocket.WebSocketRequest:
     library_request: trio_websocket.WebSocketRequest | None = None
     with trio.move_on_after(config.handshake_timeout):
@@ -697,7 +822,9 @@ async def _read_handshake(
             # sends garbage first; stop waiting when the link is lost.
             race.start_soon(_cancel_when_set, link.lost, race.cancel_scope)
             library_request = await trio_websocket.wrap_server_stream(
-                library_nursery, link, max_message_size=config.max_message_bytes
+                cast(trio.Nursery, library_nursery),
+                link,
+                max_message_size=config.max_message_bytes,
             )
             race.cancel_scope.cancel()
     if link.refusal is not None:
@@ -781,16 +908,7 @@ async def open_trio_websocket_stream(
     failure: BaseException | None = None
     async with trio.open_nursery() as nursery:
         try:
-            library_nursery: trio.Nursery = await nursery.start(_host_library_tasks, link)
-            library_request = await _read_handshake(library_nursery, link, cfg)
-            transport = TrioWebSocketStream(
-                library_request, link, _handshake_request(library_request, stream)
-            )
-            refusal = check_websocket_key(transport.request.headers)
-            if refusal is not None:
-                await transport.reject(refusal.status, body=refusal.body)
-                raise PeerGone(None)
-            yield transport
+            yield await _handshake(link, cfg, nursery)
         except BaseException as exc:
             failure = exc
         finally:
@@ -798,3 +916,62 @@ async def open_trio_websocket_stream(
     await link.release(graceful=False)
     if failure is not None:
         raise failure
+
+
+async def serve_trio_websocket_stream(
+    stream: trio.abc.Stream,
+    serve: Callable[[TrioWebSocketStream], Awaitable[None]],
+    *,
+    config: Config,
+    library_nursery: trio.Nursery,
+) -> None:
+    """:func:`open_trio_websocket_stream` for a server: ``await serve(transport)`` inside.
+
+    What :func:`chatcore.serve_websocket` runs for each client. It costs an
+    idle connection less than the context manager: no nursery of its own
+    (trio-websocket's reader runs in ``library_nursery``, a nursery that
+    outlives the connection, still shielded and cancelled when the socket
+    is released) and no generator frame around ``serve``.
+
+    Args:
+        stream: A freshly accepted stream, owned from here on.
+        serve: Runs the connection (e.g. :func:`chatcore.serve_connection`
+            with its handler bound).
+        config: Bounds, as for :func:`open_trio_websocket_stream`.
+        library_nursery: Where trio-websocket's reader task runs.
+
+    Raises:
+        PeerGone: as :func:`open_trio_websocket_stream`; and whatever
+            ``serve`` raises.
+
+    Cancellation: as :func:`open_trio_websocket_stream`; the socket is reset
+    unless it was closed cleanly, which also ends the reader task.
+    """
+    link = _OwnedStream(stream, RequestHeadScanner(config.handshake_limits))
+    try:
+        await serve(await _handshake(link, config, library_nursery))
+    finally:
+        link.drop(graceful=False)
+        await link.release(graceful=False)
+
+
+async def _handshake(
+    link: _OwnedStream, config: Config, nursery: trio.Nursery
+) -> TrioWebSocketStream:
+    """Read the handshake on ``link``; the library's tasks go to ``nursery``.
+
+    Raises PeerGone (the client answered, if it deserves an answer); the
+    caller drops the link.
+    """
+    library_request = await _read_handshake(_LibraryNursery(nursery, link), link, config)
+    transport = TrioWebSocketStream(
+        library_request, link, _handshake_request(library_request, link.inner)
+    )
+    # The transport drops the library's request once answered; nothing
+    # else may keep it.
+    del library_request
+    refusal = check_websocket_key(transport.request.headers)
+    if refusal is not None:
+        await transport.reject(refusal.status, body=refusal.body)
+        raise PeerGone(None)
+    return transport

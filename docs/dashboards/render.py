@@ -46,6 +46,8 @@ def _format(value: float, unit: str) -> str:
     if unit == "s":
         return f"{value * 1000:.3g} ms"
     if unit == "bytes":
+        if value >= 1024 * 1024:
+            return f"{value / (1024 * 1024):.3g} MiB"
         return f"{value / 1024:.3g} KiB"
     if unit == "percentunit":
         return f"{value * 100:.3g} %"
@@ -166,6 +168,7 @@ def main() -> int:
             + "</body></html>"
         )
         OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+        rows = math.ceil(len(panels) / 3)  # three 240 px panels to a row, as in chatcore.json
         subprocess.run(
             [
                 chromium,
@@ -174,7 +177,7 @@ def main() -> int:
                 "--disable-gpu",
                 "--hide-scrollbars",
                 f"--screenshot={OUTPUT}",
-                "--window-size=1416,760",
+                f"--window-size=1416,{40 + 240 * rows}",
                 page.as_uri(),
             ],
             check=True,
