@@ -16,7 +16,8 @@ them, and ``chatcore serve``'s collector tuning (see ``docs/deploy.md``)
 makes full collections rare: under connection churn RSS grew by a third.
 
 :class:`ReleasingTCPServer` drops its ``protocol`` once the connection is
-over, when every task of the connection has ended and the socket is closed.
+over, when every task of the connection has ended and the socket is closed
+(the last ``_close()`` of ``run()``, after its task group has exited).
 That reference is the only edge of the cycle the server owns, so reference
 counting frees the whole connection the moment ``run()`` returns, whichever
 way it ended (reset, close frame, HTTP request, rejected handshake, server
@@ -47,8 +48,8 @@ __all__ = ["ReleasingTCPServer", "release_closed_connections"]
 class ReleasingTCPServer(TCPServer):
     """hypercorn's per-connection ``TCPServer`` that leaves no reference cycle behind.
 
-    Exactly hypercorn's server while the connection lasts; once ``run()`` is
-    over it forgets its protocol, so the connection's objects are freed by
+    Exactly hypercorn's server while the connection lasts; as ``run()`` ends
+    it forgets its protocol, so the connection's objects are freed by
     reference counting (see the module docs).
     """
 
@@ -56,18 +57,24 @@ class ReleasingTCPServer(TCPServer):
         state = "serving" if "protocol" in vars(self) else "closed"
         return f"<{type(self).__name__} {id(self):#x} {state}>"
 
-    async def run(self) -> None:
-        """Serve the connection (hypercorn's own ``run``), then release its protocol.
+    async def _close(self) -> None:
+        """Close the socket (hypercorn's own ``_close``); at the end of ``run()``, release.
 
-        Cancellation: as hypercorn's (its connection's tasks are cancelled
-        and the socket closed); the protocol is released all the same.
+        hypercorn calls ``_close`` in two places: from ``protocol_send`` while
+        the connection's task group still runs (the protocol is used right
+        after), and last of all in ``run()``'s ``finally``, once the task group
+        has exited (hypercorn's ``TaskGroup`` then holds no nursery). Only the
+        second releases the protocol. Hooking here rather than wrapping
+        ``run()`` keeps an idle connection one coroutine frame smaller.
+
+        Cancellation: as hypercorn's; the protocol is released all the same.
         """
         try:
-            await super().run()
+            await super()._close()
         finally:
-            # Every task that could call protocol_send has ended: the protocol,
-            # whose send is a bound method of self, is the cycle's edge to cut.
-            vars(self).pop("protocol", None)
+            task_group = vars(self).get("_task_group")
+            if task_group is None or getattr(task_group, "_nursery", "unknown") is None:
+                vars(self).pop("protocol", None)
 
 
 def _hypercorn_run() -> ModuleType:

@@ -234,6 +234,23 @@ class ASGIStream(MessageStream):
         ValueError: the scope is malformed (see :func:`request_from_scope`).
     """
 
+    __slots__ = (
+        "_accepted",
+        "_answered",
+        "_broken",
+        "_close_sent",
+        "_disconnected",
+        "_peer_close",
+        "_receive",
+        "_receiving",
+        "_released",
+        "_released_event",
+        "_scope",
+        "_send",
+        "_server_stopping",
+        "request",
+    )
+
     def __init__(self, scope: ASGIScope, receive: ASGIReceive, send: ASGISend) -> None:
         #: The client's handshake.
         self.request = request_from_scope(scope)
