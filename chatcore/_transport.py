@@ -49,7 +49,9 @@ class MessageStream(abc.ABC):
         """
         if self._answered:
             raise LocalProtocolError("the handshake was already answered")
-        self._answered = True
+        # Set on the instance: in its dict, or in a slot a slotted subclass
+        # declares (this class has none, so subclasses choose).
+        self._answered = True  # type: ignore[misc]
 
     @abc.abstractmethod
     async def accept(
