@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -934,3 +935,23 @@ async def test_an_open_connection_lets_go_of_its_handshake_state() -> None:
             assert await transport.receive() == "ping"
             await transport.send("pong")
             assert await client.receive_text() == "pong"
+
+
+async def test_a_read_without_waiting_returns_nothing_data_eof_or_the_error() -> None:
+    # The open link's reads (_OwnedStream.receive_some) try the socket first
+    # and wait only when it has nothing; errors come back as values.
+    from chatcore.transports._trio_websocket import _read_nowait
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    sock = trio.socket.from_stdlib_socket(ours)
+    try:
+        assert _read_nowait(sock, 10) is None  # nothing yet: the caller waits
+        theirs.sendall(b"hello")
+        assert _read_nowait(sock, 3) == b"hel"
+        assert _read_nowait(sock, 10) == b"lo"
+        theirs.close()
+        assert _read_nowait(sock, 10) == b""  # end of stream
+    finally:
+        sock.close()
+    assert isinstance(_read_nowait(sock, 10), OSError)  # closed: the error, not a raise
